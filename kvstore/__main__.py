@@ -1,0 +1,3 @@
+from kvstore.server_cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""The Python client library: ``async with Client.from_config(path) as kv``.
+
+The client holds one XMPP session, learns from presence which storage node
+serves which shard (:mod:`kvstore.directory`), sends each request to the
+node that owns the key, and gathers answers from every shard a subtree
+spans. Every call takes a ``timeout``; every failure is one of the typed
+exceptions of :mod:`protocol.errors`. The session reconnects by itself, and
+watch streams resume where they left off (:mod:`kvstore.watch_stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from slixmpp import Iq
+
+from kvstore.config import ConnectionSettings, load_connection
+from kvstore.directory import Directory, NodeInfo
+from kvstore.watch_stream import WatchRegistry, WatchStream
+from kvstore.xmpp import Session
+from protocol import keys
+from protocol import stanza as wire
+from protocol.errors import NotOwner, Unavailable, ValueTooLarge
+from protocol.model import KeyValue
+
+T = TypeVar("T")
+
+# Syntax checks only; each node enforces its own configured limits.
+CLIENT_KEY_LIMITS = keys.KeyLimits(max_bytes=511, max_depth=255)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    rev: int
+    version: int
+    create_rev: int
+    mod_rev: int
+    shard: str
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: int
+    revisions: dict[str, int] = field(default_factory=dict)
+    """Shard -> the revision of the delete (shards where nothing was deleted are absent)."""
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    items: list[KeyValue]
+    more: bool
+    revisions: dict[str, int]
+    """Shard -> the revision the shard's first page was read at.
+
+    Watching from ``rev + 1`` of each shard follows on from this read with no
+    gap (a later page may already hold some of the changes the watch then
+    reports again; applying a put or delete twice is harmless).
+    """
+
+    def next_revisions(self) -> dict[str, int]:
+        return {shard: rev + 1 for shard, rev in self.revisions.items()}
+
+
+@dataclass(frozen=True)
+class ListResult:
+    names: list[str]
+    more: bool
+    revisions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    prefix: str
+    rev: int
+    compact_rev: int
+    keys: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    jid: str
+    online: bool
+    shards: list[ShardStatus]
+    watchers: int = 0
+    uptime: float = 0.0
+
+
+def _to_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+class Client:
+    """An asyncio client of the store. Use it as an async context manager."""
+
+    def __init__(self, settings: ConnectionSettings, *, resource: str | None = None,
+                 reconnect: bool = True) -> None:
+        self.settings = settings
+        self.timeout = settings.timeout
+        self.session = Session(settings, resource=resource, reconnect=reconnect)
+        self.directory = Directory(self.session, settings.nodes)
+        self.watches = WatchRegistry(self)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Client:
+        """A client configured from a TOML file (default: ``$KV_CONFIG``)."""
+        return cls(load_connection(path), **kwargs)
+
+    async def connect(self, timeout: float | None = None) -> Client:
+        timeout = timeout or self.timeout
+        await self.session.start(timeout)
+        await self.directory.ready(min(timeout, 3.0))
+        return self
+
+    async def close(self) -> None:
+        await self.watches.close()
+        await self.session.close()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    @property
+    def jid(self) -> str:
+        return str(self.session.jid)
+
+    # --- plumbing -------------------------------------------------------
+
+    async def _call(self, node: NodeInfo, type_: str, payload: wire.KvElement,
+                    timeout: float | None) -> Iq:
+        assert node.jid is not None
+        iq = self.session.iq(node.jid, type_, payload.xml)
+        return await self.session.request(iq, timeout or self.timeout)
+
+    async def _routed(self, key: str, make: Callable[[str], wire.KvElement], type_: str,
+                      timeout: float | None) -> tuple[Iq, str]:
+        """Send a single-key request to the key's owner, following one not-owner hint."""
+        shard, node = self.directory.route(key)
+        try:
+            return await self._call(node, type_, make(shard), timeout), shard
+        except NotOwner as error:
+            self.directory.learn_shard(error.shard)
+            retry_shard, retry_node = self.directory.route(key)
+            if (retry_shard, retry_node.jid) == (shard, node.jid):
+                raise Unavailable(f"{node.bare} does not serve {key}: {error}") from None
+            return await self._call(retry_node, type_, make(retry_shard), timeout), retry_shard
+
+    async def _gather(self, key: str, fetch: Callable[[str, NodeInfo], Awaitable[T]]
+                      ) -> list[tuple[str, T]]:
+        """Run ``fetch`` on every shard of ``key``'s subtree, concurrently."""
+        routes = self.directory.route_subtree(key)
+        try:
+            answers = await asyncio.gather(*(fetch(shard, node) for shard, node in routes))
+        except NotOwner as error:
+            self.directory.learn_shard(error.shard)
+            routes = self.directory.route_subtree(key)
+            answers = await asyncio.gather(*(fetch(shard, node) for shard, node in routes))
+        return [(shard, answer) for (shard, _), answer in zip(routes, answers, strict=True)]
+
+    # --- reads ----------------------------------------------------------
+
+    async def get(self, key: str, *, timeout: float | None = None) -> KeyValue:
+        """The key's value and revisions; raises KeyNotFound."""
+        keys.validate(key, CLIENT_KEY_LIMITS)
+
+        def make(shard: str) -> wire.Get:
+            request = wire.Get()
+            request.set_attrs(key=key, shard=shard)
+            return request
+
+        result, _ = await self._routed(key, make, "get", timeout)
+        items = result["kv_get"].items()
+        if not items:
+            raise Unavailable(f"the node answered a get of {key} with no item")
+        return items[0]
+
+    async def get_prefix(self, key: str, *, limit: int | None = None, keys_only: bool = False,
+                         after: str | None = None, timeout: float | None = None) -> RangeResult:
+        """``key`` and its whole subtree, in tree order, across every shard it spans."""
+        keys.validate(key, CLIENT_KEY_LIMITS, allow_root=True)
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be positive")
+
+        async def fetch(shard: str, node: NodeInfo) -> tuple[list[KeyValue], bool, int]:
+            found: list[KeyValue] = []
+            first_rev: int | None = None
+            cursor = after
+            while True:
+                request = wire.Get()
+                request.set_attrs(key=key, shard=shard, prefix=True, after=cursor,
+                                  keys_only=keys_only,
+                                  limit=None if limit is None else limit - len(found))
+                answer = (await self._call(node, "get", request, timeout))["kv_get"]
+                page = answer.items()
+                found.extend(page)
+                if first_rev is None:
+                    first_rev = answer.int_attr("rev", 0)
+                more = answer.bool_attr("more")
+                if not more or not page or (limit is not None and len(found) >= limit):
+                    return found, more, first_rev or 0
+                cursor = page[-1].key
+
+        answers = await self._gather(key, fetch)
+        merged = list(heapq.merge(*(items for _, (items, _, _) in answers),
+                                  key=lambda kv: keys.tree_order(kv.key)))
+        more = any(more for _, (_, more, _) in answers)
+        if limit is not None and len(merged) > limit:
+            merged, more = merged[:limit], True
+        return RangeResult(merged, more, {shard: rev for shard, (_, _, rev) in answers})
+
+    async def list(self, key: str, *, limit: int | None = None, after: str | None = None,
+                   timeout: float | None = None) -> ListResult:
+        """Names of ``key``'s direct children, sorted, gathered from every shard below it."""
+        keys.validate(key, CLIENT_KEY_LIMITS, allow_root=True)
+
+        async def fetch(shard: str, node: NodeInfo) -> tuple[list[str], bool, int]:
+            names: list[str] = []
+            first_rev: int | None = None
+            cursor = after
+            while True:
+                request = wire.ListChildren()
+                request.set_attrs(key=key, shard=shard, after=cursor,
+                                  limit=None if limit is None else limit - len(names))
+                answer = (await self._call(node, "get", request, timeout))["kv_list"]
+                page = answer.children()
+                names.extend(page)
+                if first_rev is None:
+                    first_rev = answer.int_attr("rev", 0)
+                more = answer.bool_attr("more")
+                if not more or not page or (limit is not None and len(names) >= limit):
+                    return names, more, first_rev or 0
+                cursor = page[-1]
+
+        answers = await self._gather(key, fetch)
+        names = sorted({name for _, (page, _, _) in answers for name in page},
+                       key=lambda name: name.encode())
+        more = any(more for _, (_, more, _) in answers)
+        if limit is not None and len(names) > limit:
+            names, more = names[:limit], True
+        return ListResult(names, more, {shard: rev for shard, (_, _, rev) in answers})
+
+    # --- writes ---------------------------------------------------------
+
+    async def put(self, key: str, value: bytes | str, *, if_version: int | None = None,
+                  if_mod_rev: int | None = None, ephemeral: bool = False,
+                  timeout: float | None = None) -> PutResult:
+        """Write ``value``; with ``if_version``/``if_mod_rev`` only if the key still matches.
+
+        ``if_version=0`` creates the key only if it does not exist. A failed
+        compare raises VersionMismatch. ``ephemeral`` binds the key to this
+        session: the node deletes it when the session ends.
+        """
+        keys.validate(key, CLIENT_KEY_LIMITS)
+        data = _to_bytes(value)
+        shard, node = self.directory.route(key)
+        if len(data) > node.max_value:
+            raise ValueTooLarge(
+                f"the value is {len(data)} bytes, over the limit of {node.max_value}",
+                limit=node.max_value)
+
+        def make(shard: str) -> wire.Put:
+            request = wire.Put()
+            request.set_attrs(key=key, shard=shard, if_version=if_version,
+                              if_mod_rev=if_mod_rev, ephemeral=ephemeral)
+            request.value = data
+            return request
+
+        result, shard = await self._routed(key, make, "set", timeout)
+        answer = result["kv_put"]
+        return PutResult(
+            rev=answer.int_attr("rev", 0) or 0,
+            version=answer.int_attr("version", 0) or 0,
+            create_rev=answer.int_attr("create-rev", 0) or 0,
+            mod_rev=answer.int_attr("mod-rev", 0) or 0,
+            shard=shard,
+        )
+
+    async def delete(self, key: str, *, prefix: bool = False, if_version: int | None = None,
+                     if_mod_rev: int | None = None,
+                     timeout: float | None = None) -> DeleteResult:
+        """Delete a key (KeyNotFound if absent), or with ``prefix`` its whole subtree.
+
+        A subtree spanning several shards is deleted shard by shard; each
+        shard's part is atomic.
+        """
+        keys.validate(key, CLIENT_KEY_LIMITS, allow_root=prefix)
+        if not prefix:
+            def make(shard: str) -> wire.Delete:
+                request = wire.Delete()
+                request.set_attrs(key=key, shard=shard, if_version=if_version,
+                                  if_mod_rev=if_mod_rev)
+                return request
+
+            result, shard = await self._routed(key, make, "set", timeout)
+            answer = result["kv_delete"]
+            return DeleteResult(answer.int_attr("deleted", 0) or 0,
+                                {shard: answer.int_attr("rev", 0) or 0})
+
+        async def fetch(shard: str, node: NodeInfo) -> tuple[int, int]:
+            request = wire.Delete()
+            request.set_attrs(key=key, shard=shard, prefix=True)
+            answer = (await self._call(node, "set", request, timeout))["kv_delete"]
+            return answer.int_attr("deleted", 0) or 0, answer.int_attr("rev", 0) or 0
+
+        answers = await self._gather(key, fetch)
+        return DeleteResult(sum(deleted for _, (deleted, _) in answers),
+                            {shard: rev for shard, (deleted, rev) in answers if deleted})
+
+    # --- watches ----------------------------------------------------------
+
+    def watch(self, key: str, *, prefix: bool = False,
+              since: int | Mapping[str, int] | None = None, prev_kv: bool = False,
+              unavailable_timeout: float | None = 30.0) -> WatchStream:
+        """A stream of changes to ``key`` (or its subtree), from ``since`` on.
+
+        ``since`` is the first revision wanted (inclusive, as etcd's
+        ``--rev``); revisions are per shard, so a subtree spanning shards
+        takes a mapping shard -> revision (``RangeResult.next_revisions()``).
+        Without it the stream starts now. Iterate it with ``async for``;
+        leaving the loop cancels it. The stream resumes by itself after a
+        node restart, a server restart or a reconnect, with no gap and no
+        duplicate; if the shards it follows stay unreachable for
+        ``unavailable_timeout`` seconds it raises Unavailable.
+        """
+        keys.validate(key, CLIENT_KEY_LIMITS, allow_root=prefix)
+        return WatchStream(self, key, prefix=prefix, since=since, prev_kv=prev_kv,
+                           unavailable_timeout=unavailable_timeout)
+
+    # --- status ---------------------------------------------------------
+
+    async def status(self, *, timeout: float | None = None) -> list[NodeStatus]:
+        """Every configured storage node: online or not, and its shards' revisions."""
+
+        async def ask(node: NodeInfo) -> NodeStatus:
+            if not node.online:
+                return NodeStatus(node.bare, False, [
+                    ShardStatus(prefix, rev, 0, 0) for prefix, rev in sorted(node.shards.items())
+                ])
+            try:
+                answer = (await self._call(node, "get", wire.Status(), timeout))["kv_status"]
+            except Unavailable:
+                return NodeStatus(node.jid or node.bare, False, [])
+            shards = [
+                ShardStatus(s.get("prefix", "?"), int(s.get("rev", 0)),
+                            int(s.get("compact-rev", 0)), int(s.get("keys", 0)))
+                for s in answer.shards()
+            ]
+            return NodeStatus(node.jid or node.bare, True, shards,
+                              int(answer.attr("watchers") or 0),
+                              float(answer.attr("uptime") or 0.0))
+
+        nodes = sorted(self.directory.nodes.values(), key=lambda n: n.bare)
+        return list(await asyncio.gather(*(ask(node) for node in nodes)))

@@ -1,0 +1,228 @@
+"""Who serves what: the client's view of the storage nodes, kept by presence.
+
+Each client subscribes to the presence of the storage nodes its config names
+(an ordinary roster subscription, RFC 6121, which the nodes approve). A node's
+presence carries the shards it serves, so a client learns at once, with no
+polling, when a node comes online and when it goes away: the XMPP server
+sends the unavailable presence the moment the node's stream ends, and answers
+the client's own login with the current presence of every node (or an
+unavailable one for a node that is down).
+
+A key is routed to the shard whose prefix is its longest segment-wise prefix.
+A shard the client has heard of but whose node is offline makes operations
+on it fail fast with :class:`~protocol.errors.Unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slixmpp import JID, Presence
+
+from kvstore.xmpp import Session
+from protocol import keys
+from protocol.errors import Unavailable
+from protocol.stanza import NS as _NS
+
+log = logging.getLogger(__name__)
+
+HARD_VALUE_LIMIT = 180_000
+"""Largest value any client sends: base64 makes it 240 KB, under servers' 256 KiB cap."""
+
+
+@dataclass
+class NodeInfo:
+    """One storage node as its presence describes it."""
+
+    bare: str
+    jid: str | None = None
+    """The full JID the node is online as, or None while it is offline."""
+    shards: dict[str, int] = field(default_factory=dict)
+    """Shard prefix -> the shard's revision when the node announced it."""
+    max_value: int = HARD_VALUE_LIMIT
+    reported: bool = False
+    """True once the server has told us anything about this node."""
+    pending: bool = False
+    """Our subscription request awaits the node's approval; until then the
+    server reports the node as unavailable whether it is up or not."""
+
+    @property
+    def online(self) -> bool:
+        return self.jid is not None
+
+
+Listener = Callable[[NodeInfo], None]
+
+
+class Directory:
+    """Storage nodes and the shards they serve, as presence reports them."""
+
+    def __init__(self, session: Session, nodes: list[str]) -> None:
+        self.session = session
+        self.nodes: dict[str, NodeInfo] = {JID(n).bare: NodeInfo(JID(n).bare) for n in nodes}
+        self.known_shards: set[str] = set()
+        """Shard prefixes heard of: from presence, and from nodes' not-owner answers."""
+        self.listeners: list[Listener] = []
+        self._changed = asyncio.Event()
+        xmpp = session.xmpp
+        xmpp.add_event_handler("presence_available", self._on_available)
+        xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
+        xmpp.add_event_handler("presence_subscribe", self._on_subscribe)
+        xmpp.add_event_handler("presence_subscribed", self._on_subscribed)
+        session.on_start.append(self._follow_nodes)
+        session.on_stop.append(self._forget_presence)
+
+    # --- presence ---------------------------------------------------------
+
+    async def _follow_nodes(self) -> None:
+        xmpp = self.session.xmpp
+        try:
+            await xmpp.get_roster(timeout=self.session.settings.timeout)
+        except Exception as exc:
+            log.warning("roster fetch failed: %s", exc)
+        roster = xmpp.client_roster
+        for bare in self.nodes:
+            item = roster[bare] if bare in roster else None
+            if item is None or not item["to"]:
+                self.nodes[bare].pending = True
+                xmpp.send_presence(pto=bare, ptype="subscribe")
+        # The initial presence makes the server probe every subscribed node
+        # and tell us each one's presence, online or not.
+        xmpp.send_presence()
+
+    def _on_subscribe(self, presence: Presence) -> None:
+        # A node subscribes back to follow our presence (it ends our watches
+        # and ephemeral keys when we leave); approve only known nodes.
+        if presence["from"].bare in self.nodes:
+            self.session.xmpp.send_presence(pto=presence["from"].bare, ptype="subscribed")
+
+    def _on_subscribed(self, presence: Presence) -> None:
+        node = self.nodes.get(presence["from"].bare)
+        if node is not None:
+            node.pending = False
+
+    def _on_available(self, presence: Presence) -> None:
+        node = self.nodes.get(presence["from"].bare)
+        if node is None:
+            return
+        payload = presence.xml.find(f"{{{_NS}}}shards")
+        if payload is None:
+            return  # an available resource that is not a storage node
+        node.jid = str(presence["from"])
+        node.reported = True
+        node.shards = {}
+        for shard in payload:
+            prefix = shard.get("prefix")
+            if prefix and keys.is_valid(prefix, allow_root=True):
+                try:
+                    node.shards[prefix] = int(shard.get("rev", "0"))
+                except ValueError:
+                    node.shards[prefix] = 0
+        try:
+            node.max_value = min(int(payload.get("max-value", HARD_VALUE_LIMIT)),
+                                 HARD_VALUE_LIMIT)
+        except ValueError:
+            node.max_value = HARD_VALUE_LIMIT
+        self.known_shards.update(node.shards)
+        self._notify(node)
+
+    def _on_unavailable(self, presence: Presence) -> None:
+        node = self.nodes.get(presence["from"].bare)
+        if node is None or node.pending:
+            return
+        node.reported = True
+        if node.jid is not None and str(presence["from"]) != node.jid and \
+                presence["from"].resource:
+            return  # another resource of the same account went away
+        node.jid = None
+        self._notify(node)
+
+    def _forget_presence(self) -> None:
+        for node in self.nodes.values():
+            node.reported = False
+            node.pending = False
+            if node.jid is not None:
+                node.jid = None
+                self._notify(node)
+
+    def _notify(self, node: NodeInfo) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in list(self.listeners):
+            try:
+                listener(node)
+            except Exception:
+                log.exception("directory listener failed")
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until every configured node has been reported (up to ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(node.reported for node in self.nodes.values()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    # --- routing --------------------------------------------------------
+
+    def learn_shard(self, prefix: str | None) -> None:
+        if prefix and keys.is_valid(prefix, allow_root=True):
+            self.known_shards.add(prefix)
+
+    def owner(self, shard: str) -> NodeInfo | None:
+        """An online node serving ``shard``, if any."""
+        for node in self.nodes.values():
+            if node.online and shard in node.shards:
+                return node
+        return None
+
+    def shard_of(self, key: str) -> str:
+        shard = keys.longest_prefix(key, self.known_shards)
+        if shard is None:
+            raise Unavailable(self._nobody(f"no storage node online serves {key}"))
+        return shard
+
+    def route(self, key: str) -> tuple[str, NodeInfo]:
+        """The shard that owns ``key`` and an online node serving it."""
+        shard = self.shard_of(key)
+        node = self.owner(shard)
+        if node is None:
+            raise Unavailable(f"no storage node serving shard {shard} is online")
+        return shard, node
+
+    def subtree(self, key: str) -> list[str]:
+        """Every shard that may hold keys of ``key``'s subtree."""
+        shards = [s for s in self.known_shards if keys.is_strict_prefix(key, s)]
+        top = keys.longest_prefix(key, self.known_shards)
+        if top is not None:
+            shards.append(top)
+        return sorted(set(shards), key=keys.tree_order)
+
+    def route_subtree(self, key: str) -> list[tuple[str, NodeInfo]]:
+        shards = self.subtree(key)
+        if not shards:
+            raise Unavailable(self._nobody(f"no storage node online serves {key}"))
+        routes = []
+        for shard in shards:
+            node = self.owner(shard)
+            if node is None:
+                raise Unavailable(f"no storage node serving shard {shard} is online")
+            routes.append((shard, node))
+        return routes
+
+    def _nobody(self, message: str) -> str:
+        if not self.nodes:
+            return f"{message}: the config names no storage nodes (store.nodes)"
+        if not any(node.online for node in self.nodes.values()):
+            return f"{message}: none of {', '.join(sorted(self.nodes))} is online"
+        return message
+
+
+

@@ -1,0 +1,381 @@
+"""The storage node service: serves its shards over XMPP.
+
+A node is an ordinary XMPP client. It announces the shards it serves in its
+presence, accepts presence subscriptions from clients (so each client learns
+at once when the node comes or goes), and answers the kvstore IQs:
+
+* reads (get, list, status) straight from an LMDB snapshot on the event loop;
+* writes (put, delete) through the :class:`~kvstore.commit.Committer`, which
+  acknowledges them once they are durable;
+* watches through the :class:`~kvstore.watch.WatchHub`, which replays the
+  change log and follows new commits.
+
+Bad input is answered with an error and changes nothing; an exception in a
+handler becomes an internal-server-error answer, never a dead node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from slixmpp import JID, Iq, Presence
+from slixmpp.xmlstream import ET
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher.base import MatcherBase
+
+from kvstore.commit import Committer
+from kvstore.config import NodeConfig
+from kvstore.storage import Change, CompactOp, DeleteEphemeralOp, DeleteOp, Engine, PutOp, Retention
+from kvstore.watch_hub import WatchHub
+from kvstore.xmpp import IQ_TAG, Session, answer, reply_error
+from protocol import keys
+from protocol import stanza as wire
+from protocol.errors import BadRequest, KeyNotFound, KvError, NotOwner, ValueTooLarge
+
+log = logging.getLogger(__name__)
+
+_NS_PREFIX = f"{{{wire.NS}}}"
+
+
+class _RequestMatcher(MatcherBase):
+    """IQ get/set whose payload is in the kvstore namespace."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def match(self, stanza: Any) -> bool:
+        xml = stanza.xml
+        if xml.tag != IQ_TAG or xml.get("type") not in ("get", "set"):
+            return False
+        for child in xml:
+            return child.tag.startswith(_NS_PREFIX)
+        return False
+
+
+class StorageNode:
+    """One storage node: an LMDB engine served through one XMPP session."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.key_limits = config.limits.key_limits
+        self.own_shards = list(config.shards)
+        self.cluster_shards = sorted(set(config.cluster_shards) | set(config.shards))
+        self.engine = Engine(
+            config.data_dir,
+            self.own_shards,
+            map_size=config.map_size,
+            retention=Retention(config.retain_revisions, config.retain_seconds),
+        )
+        self.session = Session(config.connection, resource="kvstore",
+                               plugins=("xep_0030", "xep_0199"))
+        self.xmpp = self.session.xmpp
+        self.hub = WatchHub(self.engine, self.session,
+                            max_stanza_bytes=self.limits.max_stanza_bytes)
+        self.committer = Committer(self.engine, on_commit=self._on_commit)
+        self.started = time.time()
+        self.peers: set[str] = set()
+        """Full JIDs whose available presence the node has seen."""
+        self._handlers = {
+            ("get", "get"): self._on_get,
+            ("get", "list"): self._on_list,
+            ("get", "status"): self._on_status,
+            ("set", "put"): self._on_put,
+            ("set", "delete"): self._on_delete,
+            ("set", "watch"): self._on_watch,
+            ("set", "cancel"): self._on_cancel,
+        }
+        self.xmpp.register_handler(Callback("kv requests", _RequestMatcher(), self._on_request))
+        self.xmpp.add_event_handler("presence_subscribe", self._on_subscribe)
+        self.xmpp.add_event_handler("presence_available", self._on_available)
+        self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
+        self.session.on_start.append(self._announce)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def jid(self) -> JID:
+        return self.session.jid
+
+    # --- life cycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        self.xmpp["xep_0030"].add_feature(wire.NS)
+        await self.session.start()
+        self._tasks.append(asyncio.ensure_future(self._compact_loop()))
+        self.hub.start()
+        log.info("serving %s as %s", ", ".join(self.own_shards), self.jid)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.hub.close()
+        try:
+            await self.committer.drain()
+        except TimeoutError:
+            log.warning("stopping with writes still queued")
+        await self.session.close()
+        self.committer.close()
+        self.engine.close()
+        self._stopped.set()
+
+    async def _announce(self) -> None:
+        """Fetch the roster and broadcast presence carrying the shards served."""
+        try:
+            await self.xmpp.get_roster(timeout=self.config.connection.timeout)
+        except Exception as exc:  # the roster is a convenience; presence still goes out
+            log.warning("roster fetch failed: %s", exc)
+        presence = self.xmpp.Presence()
+        shards = presence["kv_shards"]
+        shards.xml.set("max-value", str(self.limits.max_value_bytes))
+        for prefix in self.own_shards:
+            # The revision at announcement: a watcher that learns of this shard
+            # from this presence starts right after it and misses nothing.
+            shards.add_shard(prefix, rev=self.engine.revision(prefix))
+        presence.send()
+
+    def _on_subscribe(self, presence: Presence) -> None:
+        who = presence["from"].bare
+        self.xmpp.send_presence(pto=who, ptype="subscribed")
+        # Subscribe back: the node follows its clients' presence to end their
+        # watches and ephemeral keys when they go away.
+        self.xmpp.send_presence(pto=who, ptype="subscribe")
+
+    def _on_available(self, presence: Presence) -> None:
+        self.peers.add(str(presence["from"]))
+
+    def _on_unavailable(self, presence: Presence) -> None:
+        who = str(presence["from"])
+        self.peers.discard(who)
+        self.hub.drop_watcher(who)
+
+    def _on_commit(self, changes: list[Change]) -> None:
+        self.hub.publish(changes)
+
+    async def _compact_loop(self) -> None:
+        interval = self.config.compact_interval
+        while True:
+            await asyncio.sleep(interval)
+            for shard in self.own_shards:
+                try:
+                    target = self.engine.compaction_target(shard)
+                    if target:
+                        await self.committer.submit(CompactOp(shard, target))
+                except Exception:
+                    log.exception("compaction of %s failed", shard)
+
+    # --- dispatch -------------------------------------------------------
+
+    def _on_request(self, iq: Iq) -> None:
+        payload = iq.xml[0]
+        name = payload.tag[len(_NS_PREFIX):]
+        handler = self._handlers.get((iq.xml.get("type", ""), name))
+        try:
+            if handler is None:
+                raise BadRequest(f"unknown kvstore request <{name}/> in an IQ {iq['type']}")
+            handler(iq, payload)
+        except KvError as error:
+            reply_error(iq, error).send()
+        except Exception as exc:
+            log.exception("request %s failed", name)
+            reply_error(iq, KvError(f"internal error: {type(exc).__name__}")).send()
+
+    # --- shards ---------------------------------------------------------
+
+    def _owner(self, key: str, hint: str | None) -> str:
+        """The shard holding ``key``, which must be one of ours."""
+        owner = keys.longest_prefix(key, self.cluster_shards)
+        if owner is None or owner not in self.own_shards or (hint and hint != owner):
+            raise NotOwner(f"{key} belongs to shard {owner or '(none)'}, not served by "
+                           f"{self.jid.bare}", shard=owner)
+        return owner
+
+    def _subtree_shard(self, key: str, hint: str | None) -> str:
+        """The shard to read or delete the subtree of ``key`` from.
+
+        Without a hint that is the shard owning ``key``; a client gathering a
+        subtree that spans shards names each shard below ``key`` in turn.
+        """
+        if not hint:
+            return self._owner(key, None)
+        owner = keys.longest_prefix(key, self.cluster_shards)
+        if hint not in self.own_shards or not (hint == owner or keys.is_strict_prefix(key, hint)):
+            raise NotOwner(f"shard {hint} is not served by {self.jid.bare} or is outside {key}",
+                           shard=owner)
+        return hint
+
+    def _key(self, element: ET.Element, *, allow_root: bool = False) -> str:
+        key = element.get("key")
+        if key is None:
+            raise BadRequest("the request has no key attribute")
+        return keys.validate(key, self.key_limits, allow_root=allow_root)
+
+    def _page_limit(self, element: ET.Element) -> int:
+        limit = wire.parse_int(element.get("limit"), "limit", default=self.limits.max_page,
+                               minimum=1)
+        return min(limit or self.limits.max_page, self.limits.max_page)
+
+    # --- reads ----------------------------------------------------------
+
+    def _on_get(self, iq: Iq, element: ET.Element) -> None:
+        prefix = wire.parse_bool(element.get("prefix"), "prefix")
+        key = self._key(element, allow_root=prefix)
+        hint = element.get("shard")
+        result = wire.Get()
+        if not prefix:
+            shard = self._owner(key, hint)
+            record, rev = self.engine.get(shard, key)
+            if record is None:
+                raise KeyNotFound(f"{key} not found", key=key)
+            result.set_attrs(rev=rev)
+            result.add_items([record])
+        else:
+            shard = self._subtree_shard(key, hint)
+            after = element.get("after")
+            if after is not None:
+                keys.validate(after, self.key_limits)
+            keys_only = wire.parse_bool(element.get("keys-only"), "keys-only")
+            records, more, rev = self.engine.range(
+                shard, key, limit=self._page_limit(element), after=after,
+                max_bytes=None if keys_only else self.limits.max_stanza_bytes,
+            )
+            result.set_attrs(rev=rev, more=more)
+            result.add_items(records, with_value=not keys_only)
+        answer(iq, result.xml).send()
+
+    def _on_list(self, iq: Iq, element: ET.Element) -> None:
+        key = self._key(element, allow_root=True)
+        shard = self._subtree_shard(key, element.get("shard"))
+        after = element.get("after")
+        if after is not None and (not after or "/" in after):
+            raise BadRequest(f"'after' must be a child name, not {after!r}")
+        names, more, rev = self.engine.children(shard, key, limit=self._page_limit(element),
+                                                after=after)
+        result = wire.ListChildren()
+        result.set_attrs(rev=rev, more=more)
+        result.add_children(names)
+        answer(iq, result.xml).send()
+
+    def _on_status(self, iq: Iq, element: ET.Element) -> None:
+        result = wire.Status()
+        result.set_attrs(jid=str(self.jid))
+        result.xml.set("uptime", f"{time.time() - self.started:.1f}")
+        result.xml.set("watchers", str(self.hub.watch_count))
+        for shard in self.own_shards:
+            result.add_shard(shard, **self.engine.stats(shard))
+        answer(iq, result.xml).send()
+
+    # --- writes -----------------------------------------------------------
+
+    def _value(self, element: ET.Element) -> bytes:
+        text = element.text or ""
+        limit = self.limits.max_value_bytes
+        if len(text) > math.ceil(limit / 3) * 4 + 4:
+            raise ValueTooLarge(f"the value exceeds the limit of {limit} bytes",
+                                limit=limit)
+        value = wire.decode_value(text.strip())
+        if len(value) > limit:
+            raise ValueTooLarge(f"the value is {len(value)} bytes, over the limit of {limit}",
+                                limit=limit)
+        return value
+
+    def _compares(self, element: ET.Element) -> tuple[int | None, int | None]:
+        return (wire.parse_int(element.get("if-version"), "if-version"),
+                wire.parse_int(element.get("if-mod-rev"), "if-mod-rev"))
+
+    def _on_put(self, iq: Iq, element: ET.Element) -> None:
+        key = self._key(element)
+        shard = self._owner(key, element.get("shard"))
+        value = self._value(element)
+        if_version, if_mod_rev = self._compares(element)
+        ephemeral = str(iq["from"]) if wire.parse_bool(element.get("ephemeral"),
+                                                       "ephemeral") else None
+        op = PutOp(shard, key, value, if_version, if_mod_rev, ephemeral)
+        self.committer.submit(op).add_done_callback(lambda done: self._put_done(iq, done))
+
+    def _put_done(self, iq: Iq, done: asyncio.Future[Any]) -> None:
+        outcome = self._outcome(iq, done)
+        if outcome is None:
+            return
+        kv = outcome.kv
+        result = wire.Put()
+        result.set_attrs(rev=outcome.rev, version=kv.version, create_rev=kv.create_rev,
+                         mod_rev=kv.mod_rev)
+        answer(iq, result.xml).send()
+
+    def _on_delete(self, iq: Iq, element: ET.Element) -> None:
+        prefix = wire.parse_bool(element.get("prefix"), "prefix")
+        key = self._key(element, allow_root=prefix)
+        hint = element.get("shard")
+        shard = self._subtree_shard(key, hint) if prefix else self._owner(key, hint)
+        if_version, if_mod_rev = self._compares(element)
+        if prefix and (if_version is not None or if_mod_rev is not None):
+            raise BadRequest("a prefix delete takes no compare")
+        op = DeleteOp(shard, key, prefix, if_version, if_mod_rev)
+        self.committer.submit(op).add_done_callback(lambda done: self._delete_done(iq, done))
+
+    def _delete_done(self, iq: Iq, done: asyncio.Future[Any]) -> None:
+        outcome = self._outcome(iq, done)
+        if outcome is None:
+            return
+        result = wire.Delete()
+        result.set_attrs(rev=outcome.rev, deleted=outcome.deleted)
+        answer(iq, result.xml).send()
+
+    @staticmethod
+    def _outcome(iq: Iq, done: asyncio.Future[Any]) -> Any:
+        """The op's outcome, or None once its error has been answered."""
+        error = done.exception()
+        if error is None:
+            error = done.result().error
+        if error is None:
+            return done.result()
+        if not isinstance(error, KvError):
+            error = KvError(f"internal error: {type(error).__name__}")
+        reply_error(iq, error).send()
+        return None
+
+    # --- watches --------------------------------------------------------
+
+    def _on_watch(self, iq: Iq, element: ET.Element) -> None:
+        prefix = wire.parse_bool(element.get("prefix"), "prefix")
+        key = self._key(element, allow_root=prefix)
+        hint = element.get("shard")
+        shard = self._subtree_shard(key, hint) if prefix else self._owner(key, hint)
+        start = wire.parse_int(element.get("start-rev"), "start-rev")
+        watch_id = element.get("id")
+        if not watch_id or len(watch_id) > 100:
+            raise BadRequest("a watch needs an id of 1 to 100 characters")
+        watch = self.hub.create(
+            watch_id=watch_id,
+            watcher=str(iq["from"]),
+            shard=shard,
+            key=key,
+            prefix=prefix,
+            start_rev=start,
+            prev_kv=wire.parse_bool(element.get("prev-kv"), "prev-kv"),
+            progress=wire.parse_bool(element.get("progress"), "progress"),
+        )
+        result = wire.Watch()
+        result.set_attrs(id=watch.id, shard=shard, start_rev=watch.next_rev)
+        answer(iq, result.xml).send()
+
+    def _on_cancel(self, iq: Iq, element: ET.Element) -> None:
+        watch_id = element.get("id")
+        if not watch_id:
+            raise BadRequest("cancel needs the watch id")
+        found = self.hub.cancel(str(iq["from"]), watch_id)
+        result = wire.Cancel()
+        result.set_attrs(id=watch_id, found=found)
+        answer(iq, result.xml).send()
+
+    # --- ephemeral keys ---------------------------------------------------
+
+    async def expire_session(self, owner: str) -> int:
+        outcome = await self.committer.submit(DeleteEphemeralOp(owner))
+        return outcome.deleted
+

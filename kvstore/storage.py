@@ -1,0 +1,598 @@
+"""The storage engine: one LMDB environment per node, revisions per shard.
+
+Each shard owns two LMDB databases: ``kv`` (key -> current record) and ``log``
+(revision -> the changes made at that revision). The log is the spine of the
+store: watches replay it, and compaction trims it by count and by age. Keys are
+stored in tree order (see :func:`protocol.keys.tree_order`), so a subtree is one
+contiguous range and the children of a key can be listed by skipping from one
+child's subtree to the next.
+
+Writes are applied in batches, each batch one LMDB transaction and one fsync
+(``apply``); the node's committer decides what goes in a batch. Reads may run
+on any thread while a batch commits: LMDB gives every read transaction a
+consistent snapshot, and the revision a read reports is read from that same
+snapshot.
+
+This module knows nothing of XMPP or asyncio and can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import msgpack
+
+from protocol import keys
+from protocol.errors import (
+    BadRequest,
+    Compacted,
+    KeyNotFound,
+    KvError,
+    NotOwner,
+    StorageFull,
+    VersionMismatch,
+)
+from protocol.model import Event, EventType, KeyValue
+
+_REV = struct.Struct(">Q")
+_PUT, _DELETE = 0, 1
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much change history each shard keeps for watchers to resume from."""
+
+    max_revisions: int = 100_000
+    max_age_seconds: float = 24 * 3600.0
+    max_per_run: int = 10_000
+    """Log entries removed per compaction transaction, to keep writer pauses short."""
+
+
+# --- write operations --------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PutOp:
+    shard: str
+    key: str
+    value: bytes
+    if_version: int | None = None
+    if_mod_rev: int | None = None
+    ephemeral: str | None = None
+    """Full JID the key is bound to; the key dies with that session."""
+
+
+@dataclass(slots=True)
+class DeleteOp:
+    shard: str
+    key: str
+    prefix: bool = False
+    if_version: int | None = None
+    if_mod_rev: int | None = None
+
+
+@dataclass(slots=True)
+class CompactOp:
+    shard: str
+    upto_rev: int
+
+
+@dataclass(slots=True)
+class DeleteEphemeralOp:
+    """Delete every key bound to one session (the session ended)."""
+
+    owner: str
+
+
+WriteOp = PutOp | DeleteOp | CompactOp | DeleteEphemeralOp
+
+
+@dataclass(slots=True)
+class Change:
+    """What one write did: a new revision of one shard and its events."""
+
+    shard: str
+    rev: int
+    events: list[Event]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one write op: the changes it made, or the error it raised."""
+
+    changes: list[Change] = field(default_factory=list)
+    error: KvError | None = None
+    deleted: int = 0
+
+    @property
+    def rev(self) -> int:
+        return self.changes[-1].rev if self.changes else 0
+
+    @property
+    def kv(self) -> KeyValue | None:
+        if self.changes and self.changes[-1].events:
+            return self.changes[-1].events[-1].kv
+        return None
+
+
+# --- records -----------------------------------------------------------------
+
+
+def _pack_record(kv: KeyValue) -> bytes:
+    return msgpack.packb((kv.create_rev, kv.mod_rev, kv.version, kv.value, kv.ephemeral))
+
+
+def _unpack_record(key: str, raw: bytes) -> KeyValue:
+    create_rev, mod_rev, version, value, ephemeral = msgpack.unpackb(raw)
+    return KeyValue(key, value, version, create_rev, mod_rev, ephemeral)
+
+
+def _pack_log(events: list[Event]) -> bytes:
+    entries = []
+    for event in events:
+        kv, prev = event.kv, event.prev
+        entries.append((
+            _PUT if event.type is EventType.PUT else _DELETE,
+            kv.key,
+            kv.value,
+            kv.create_rev,
+            kv.version,
+            (prev.value, prev.create_rev, prev.mod_rev, prev.version) if prev else None,
+        ))
+    return msgpack.packb((time.time(), entries))
+
+
+def _unpack_log(shard: str, rev: int, raw: bytes) -> tuple[float, list[Event]]:
+    stamp, entries = msgpack.unpackb(raw)
+    events = []
+    for kind, key, value, create_rev, version, prev in entries:
+        prev_kv = KeyValue(key, prev[0], prev[3], prev[1], prev[2]) if prev else None
+        events.append(Event(
+            EventType.PUT if kind == _PUT else EventType.DELETE,
+            KeyValue(key, value, version, create_rev, rev),
+            shard,
+            prev_kv,
+        ))
+    return stamp, events
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left" in str(exc) or "Disk quota" in str(exc)
+
+
+def _ephemeral_entry(owner: str, shard: str, raw_key: bytes) -> bytes:
+    """Index entry for an ephemeral key: owner first, so a session's keys are one range.
+
+    The key part is hashed: LMDB keys are limited to 511 bytes, and a JID plus
+    a long key could exceed it.
+    """
+    digest = hashlib.blake2b(shard.encode() + b"\0" + raw_key, digest_size=16).digest()
+    return owner.encode() + b"\0" + digest
+
+
+def _scope(shard: str, key: str) -> str:
+    """The part of ``key``'s subtree that shard ``shard`` can hold: the deeper of the two."""
+    return key if keys.is_prefix(shard, key) else shard
+
+
+def _subtree(cursor: lmdb.Cursor, top: bytes, start: bytes | None = None) -> Iterator[bytes]:
+    """Tree-ordered keys of ``top`` and its subtree, from ``start`` on (exclusive)."""
+    below = top + b"\0" if top else b""
+    if start is None or start < top:
+        found = cursor.set_range(top)
+    else:
+        found = cursor.set_range(start)
+        if found and cursor.key() == start:
+            found = cursor.next()
+    while found:
+        raw_key = cursor.key()
+        if raw_key != top and not raw_key.startswith(below):
+            return
+        yield raw_key
+        found = cursor.next()
+
+
+# --- the engine --------------------------------------------------------------
+
+
+class Engine:
+    """All shards of one storage node, in one LMDB environment."""
+
+    def __init__(self, path: str | Path, shards: Sequence[str], *,
+                 map_size: int = 1 << 32, sync: bool = True,
+                 retention: Retention | None = None) -> None:
+        if not shards:
+            raise ValueError("a storage node needs at least one shard")
+        for prefix in shards:
+            keys.validate(prefix, allow_root=True)
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.retention = retention or Retention()
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            max_dbs=2 * len(shards) + 2,
+            sync=sync,
+            metasync=sync,
+            readahead=False,
+        )
+        self._meta = self.env.open_db(b"meta")
+        self._ephemeral = self.env.open_db(b"ephemeral")
+        self._kv: dict[str, object] = {}
+        self._log: dict[str, object] = {}
+        for prefix in shards:
+            self._kv[prefix] = self.env.open_db(b"kv:" + prefix.encode())
+            self._log[prefix] = self.env.open_db(b"log:" + prefix.encode())
+
+    @property
+    def shards(self) -> list[str]:
+        return list(self._kv)
+
+    def close(self) -> None:
+        self.env.close()
+
+    # --- reads ------------------------------------------------------------
+
+    def _kv_db(self, shard: str):
+        db = self._kv.get(shard)
+        if db is None:
+            raise NotOwner(f"this node does not hold shard {shard}", shard=None)
+        return db
+
+    @staticmethod
+    def _meta_int(txn: lmdb.Transaction, db, name: bytes) -> int:
+        raw = txn.get(name, db=db)
+        return _REV.unpack(raw)[0] if raw else 0
+
+    def revision(self, shard: str, txn: lmdb.Transaction | None = None) -> int:
+        if txn is None:
+            with self.env.begin() as txn:
+                return self._meta_int(txn, self._meta, b"rev:" + shard.encode())
+        return self._meta_int(txn, self._meta, b"rev:" + shard.encode())
+
+    def compact_revision(self, shard: str) -> int:
+        with self.env.begin() as txn:
+            return self._meta_int(txn, self._meta, b"compact:" + shard.encode())
+
+    def get(self, shard: str, key: str) -> tuple[KeyValue | None, int]:
+        """The key's record (or None) and the shard revision it was read at."""
+        db = self._kv_db(shard)
+        with self.env.begin() as txn:
+            raw = txn.get(keys.tree_order(key), db=db)
+            rev = self.revision(shard, txn)
+        return (_unpack_record(key, raw) if raw is not None else None), rev
+
+    def range(self, shard: str, key: str, *, limit: int, after: str | None = None,
+              max_bytes: int | None = None) -> tuple[list[KeyValue], bool, int]:
+        """Records of ``key`` and its subtree in tree order.
+
+        Returns (records, more, rev); ``more`` says the limit (a count, or a
+        byte budget for the values) cut the answer short.
+        """
+        db = self._kv_db(shard)
+        top = keys.tree_order(_scope(shard, key))
+        start = keys.tree_order(after) if after else None
+        found: list[KeyValue] = []
+        budget = max_bytes if max_bytes is not None else -1
+        more = False
+        with self.env.begin() as txn:
+            rev = self.revision(shard, txn)
+            cursor = txn.cursor(db=db)
+            for raw_key in _subtree(cursor, top, start):
+                if len(found) >= limit:
+                    more = True
+                    break
+                record = _unpack_record(keys.from_tree_order(raw_key), cursor.value())
+                if budget >= 0:
+                    budget -= len(record.value) + len(raw_key) + 64
+                    if budget < 0 and found:
+                        more = True
+                        break
+                found.append(record)
+        return found, more, rev
+
+    def children(self, shard: str, key: str, *, limit: int,
+                 after: str | None = None) -> tuple[list[str], bool, int]:
+        """Names of the direct children of ``key`` held by this shard, sorted.
+
+        A child counts if it holds a value or has anything below it.
+        """
+        db = self._kv_db(shard)
+        if not (keys.is_prefix(shard, key) or keys.is_prefix(key, shard)):
+            return [], False, self.revision(shard)
+        below = keys.tree_order(key) + b"\0"
+        names: list[str] = []
+        more = False
+        with self.env.begin() as txn:
+            rev = self.revision(shard, txn)
+            cursor = txn.cursor(db=db)
+            target = below + after.encode() + b"\x01" if after else below
+            found = cursor.set_range(target)
+            while found:
+                raw_key = cursor.key()
+                if not raw_key.startswith(below):
+                    break
+                name = raw_key[len(below):].split(b"\0", 1)[0]
+                if len(names) >= limit:
+                    more = True
+                    break
+                names.append(name.decode("utf-8"))
+                # The child's own subtree follows it; skip it in one seek.
+                found = cursor.next()
+                if found and cursor.key().startswith(below + name + b"\0"):
+                    found = cursor.set_range(below + name + b"\x01")
+        return names, more, rev
+
+    def events(self, shard: str, start_rev: int, *, limit: int = 1000,
+               max_bytes: int | None = None) -> tuple[list[Change], int]:
+        """Logged changes from ``start_rev`` on, oldest first, and the current revision.
+
+        Raises :class:`Compacted` if compaction already discarded ``start_rev``.
+        """
+        db = self._log.get(shard)
+        if db is None:
+            raise NotOwner(f"this node does not hold shard {shard}", shard=None)
+        changes: list[Change] = []
+        budget = max_bytes if max_bytes is not None else -1
+        with self.env.begin() as txn:
+            rev = self.revision(shard, txn)
+            compacted = self._meta_int(txn, self._meta, b"compact:" + shard.encode())
+            if start_rev <= compacted:
+                raise Compacted(
+                    f"shard {shard} no longer holds revision {start_rev}; the oldest held is "
+                    f"{compacted + 1}", **{"compact-rev": compacted})
+            cursor = txn.cursor(db=db)
+            found = cursor.set_range(_REV.pack(max(start_rev, 1)))
+            while found and len(changes) < limit:
+                at = _REV.unpack(cursor.key())[0]
+                raw = cursor.value()
+                if budget >= 0:
+                    budget -= len(raw)
+                    if budget < 0 and changes:
+                        break
+                _, events = _unpack_log(shard, at, raw)
+                changes.append(Change(shard, at, events))
+                found = cursor.next()
+        return changes, rev
+
+    def stats(self, shard: str) -> dict[str, int]:
+        db = self._kv_db(shard)
+        with self.env.begin() as txn:
+            return {
+                "rev": self.revision(shard, txn),
+                "compact-rev": self._meta_int(txn, self._meta, b"compact:" + shard.encode()),
+                "keys": txn.stat(db)["entries"],
+            }
+
+    def ephemeral_owners(self) -> list[str]:
+        """Every session that holds ephemeral keys (for liveness checks after a restart)."""
+        owners: list[str] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._ephemeral)
+            found = cursor.first()
+            while found:
+                owner = cursor.key().split(b"\0", 1)[0]
+                owners.append(owner.decode())
+                found = cursor.set_range(owner + b"\x01")
+        return owners
+
+    # --- writes -----------------------------------------------------------
+
+    def apply(self, ops: Sequence[WriteOp]) -> list[Outcome]:
+        """Apply ``ops`` in order in one transaction and commit it durably.
+
+        An op that fails (a compare, a missing key) changes nothing and
+        reports its error; the others still apply. If the commit itself fails
+        (map or disk full) nothing applies and :class:`StorageFull` is raised.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                batch = _Batch(self, txn)
+                outcomes = [batch.run(op) for op in ops]
+                batch.finish()
+        except lmdb.MapFullError:
+            raise StorageFull("the storage map is full; raise storage.map_size") from None
+        except (lmdb.Error, OSError) as exc:
+            if _is_disk_full(exc):
+                raise StorageFull(f"the disk is full: {exc}") from None
+            raise
+        return outcomes
+
+    def compaction_target(self, shard: str, now: float | None = None) -> int:
+        """The highest revision the retention policy lets go of (0: nothing to do)."""
+        db = self._log[shard]
+        now = time.time() if now is None else now
+        with self.env.begin() as txn:
+            rev = self.revision(shard, txn)
+            target = max(0, rev - self.retention.max_revisions)
+            cursor = txn.cursor(db=db)
+            found = cursor.set_range(_REV.pack(target + 1))
+            checked = 0
+            while found and checked < self.retention.max_per_run:
+                stamp = msgpack.unpackb(cursor.value())[0]
+                if now - stamp <= self.retention.max_age_seconds:
+                    break
+                target = _REV.unpack(cursor.key())[0]
+                checked += 1
+                found = cursor.next()
+            compacted = self._meta_int(txn, self._meta, b"compact:" + shard.encode())
+        return target if target > compacted else 0
+
+
+class _Batch:
+    """The ops of one write transaction; keeps per-shard revisions as they advance."""
+
+    def __init__(self, engine: Engine, txn: lmdb.Transaction) -> None:
+        self.engine = engine
+        self.txn = txn
+        self.revs: dict[str, int] = {}
+
+    def run(self, op: WriteOp) -> Outcome:
+        try:
+            if isinstance(op, PutOp):
+                return self._put(op)
+            if isinstance(op, DeleteOp):
+                return self._delete(op)
+            if isinstance(op, CompactOp):
+                return self._compact(op)
+            if isinstance(op, DeleteEphemeralOp):
+                return self._delete_ephemeral(op)
+            raise BadRequest(f"unknown write op {type(op).__name__}")
+        except KvError as error:
+            return Outcome(error=error)
+
+    def finish(self) -> None:
+        meta = self.engine._meta
+        for shard, rev in self.revs.items():
+            self.txn.put(b"rev:" + shard.encode(), _REV.pack(rev), db=meta)
+
+    def _next_rev(self, shard: str) -> int:
+        rev = self.revs.get(shard)
+        if rev is None:
+            rev = self.engine.revision(shard, self.txn)
+        self.revs[shard] = rev + 1
+        return rev + 1
+
+    def _log(self, shard: str, rev: int, events: list[Event]) -> Change:
+        self.txn.put(_REV.pack(rev), _pack_log(events), db=self.engine._log[shard])
+        return Change(shard, rev, events)
+
+    def _read(self, db, raw_key: bytes, key: str) -> KeyValue | None:
+        raw = self.txn.get(raw_key, db=db)
+        return _unpack_record(key, raw) if raw is not None else None
+
+    @staticmethod
+    def _compare(current: KeyValue | None, if_version: int | None,
+                 if_mod_rev: int | None) -> None:
+        version = current.version if current else 0
+        mod_rev = current.mod_rev if current else 0
+        if (if_version is not None and version != if_version) or (
+            if_mod_rev is not None and mod_rev != if_mod_rev
+        ):
+            raise VersionMismatch(
+                f"compare failed: current version {version}, mod-rev {mod_rev}",
+                **{"current-version": version, "current-mod-rev": mod_rev},
+            )
+
+    def _index_ephemeral(self, shard: str, raw_key: bytes, old: str | None,
+                         new: str | None) -> None:
+        if old == new:
+            return
+        db = self.engine._ephemeral
+        if old:
+            self.txn.delete(_ephemeral_entry(old, shard, raw_key), db=db)
+        if new:
+            self.txn.put(_ephemeral_entry(new, shard, raw_key),
+                         msgpack.packb((shard, raw_key)), db=db)
+
+    def _put(self, op: PutOp) -> Outcome:
+        db = self.engine._kv_db(op.shard)
+        raw_key = keys.tree_order(op.key)
+        current = self._read(db, raw_key, op.key)
+        self._compare(current, op.if_version, op.if_mod_rev)
+        rev = self._next_rev(op.shard)
+        kv = KeyValue(
+            op.key,
+            op.value,
+            current.version + 1 if current else 1,
+            current.create_rev if current else rev,
+            rev,
+            op.ephemeral,
+        )
+        self.txn.put(raw_key, _pack_record(kv), db=db)
+        self._index_ephemeral(op.shard, raw_key, current.ephemeral if current else None,
+                              op.ephemeral)
+        return Outcome(changes=[self._log(op.shard, rev, [Event(EventType.PUT, kv, op.shard,
+                                                                current)])])
+
+    def _tombstone(self, shard: str, current: KeyValue, rev: int) -> Event:
+        return Event(EventType.DELETE, KeyValue(current.key, b"", 0, current.create_rev, rev),
+                     shard, current)
+
+    def _delete(self, op: DeleteOp) -> Outcome:
+        db = self.engine._kv_db(op.shard)
+        if not op.prefix:
+            raw_key = keys.tree_order(op.key)
+            current = self._read(db, raw_key, op.key)
+            if current is None:
+                raise KeyNotFound(f"{op.key} not found", key=op.key)
+            self._compare(current, op.if_version, op.if_mod_rev)
+            rev = self._next_rev(op.shard)
+            self.txn.delete(raw_key, db=db)
+            self._index_ephemeral(op.shard, raw_key, current.ephemeral, None)
+            change = self._log(op.shard, rev, [self._tombstone(op.shard, current, rev)])
+            return Outcome(changes=[change], deleted=1)
+
+        top = keys.tree_order(_scope(op.shard, op.key))
+        cursor = self.txn.cursor(db=db)
+        doomed = [(raw_key, cursor.value()) for raw_key in _subtree(cursor, top)]
+        if not doomed:
+            return Outcome()
+        rev = self._next_rev(op.shard)
+        events = []
+        for raw_key, raw in doomed:
+            current = _unpack_record(keys.from_tree_order(raw_key), raw)
+            self.txn.delete(raw_key, db=db)
+            self._index_ephemeral(op.shard, raw_key, current.ephemeral, None)
+            events.append(self._tombstone(op.shard, current, rev))
+        return Outcome(changes=[self._log(op.shard, rev, events)], deleted=len(events))
+
+    def _delete_ephemeral(self, op: DeleteEphemeralOp) -> Outcome:
+        index = self.engine._ephemeral
+        head = op.owner.encode() + b"\0"
+        cursor = self.txn.cursor(db=index)
+        entries = []
+        found = cursor.set_range(head)
+        while found and cursor.key().startswith(head):
+            entries.append((cursor.key(), msgpack.unpackb(cursor.value())))
+            found = cursor.next()
+        doomed: dict[str, list[KeyValue]] = {}
+        for entry, (shard, raw_key) in entries:
+            self.txn.delete(entry, db=index)
+            db = self.engine._kv.get(shard)
+            if db is None:
+                continue
+            current = self._read(db, raw_key, keys.from_tree_order(raw_key))
+            if current is not None and current.ephemeral == op.owner:
+                doomed.setdefault(shard, []).append(current)
+        outcome = Outcome()
+        for shard, records in doomed.items():
+            db = self.engine._kv[shard]
+            rev = self._next_rev(shard)
+            records.sort(key=lambda kv: keys.tree_order(kv.key))
+            for kv in records:
+                self.txn.delete(keys.tree_order(kv.key), db=db)
+            events = [self._tombstone(shard, kv, rev) for kv in records]
+            outcome.changes.append(self._log(shard, rev, events))
+            outcome.deleted += len(events)
+        return outcome
+
+    def _compact(self, op: CompactOp) -> Outcome:
+        db = self.engine._log[op.shard]
+        meta = self.engine._meta
+        name = b"compact:" + op.shard.encode()
+        compacted = self.engine._meta_int(self.txn, meta, name)
+        upto = min(op.upto_rev, self.engine.revision(op.shard, self.txn))
+        if upto <= compacted:
+            return Outcome()
+        # Stop after max_per_run entries: the next run takes the rest.
+        upto = min(upto, compacted + self.engine.retention.max_per_run)
+        cursor = self.txn.cursor(db=db)
+        doomed = []
+        found = cursor.set_range(_REV.pack(compacted + 1))
+        while found and _REV.unpack(cursor.key())[0] <= upto:
+            doomed.append(cursor.key())
+            found = cursor.next()
+        for raw_rev in doomed:
+            self.txn.delete(raw_rev, db=db)
+        self.txn.put(name, _REV.pack(upto), db=meta)
+        return Outcome(deleted=len(doomed))

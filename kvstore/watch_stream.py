@@ -1,0 +1,362 @@
+"""Client side of watches: one ordered, gap-free stream over any number of shards.
+
+A :class:`WatchStream` subscribes to every shard its key or subtree spans
+and keeps, per shard, the next revision it wants. Whatever ends a
+subscription (the node restarts, the XMPP server restarts, this client
+reconnects, the node cancels a lagging watch) the stream subscribes again
+from that revision as soon as a node serving the shard is online, and drops
+anything it has already delivered. The application therefore sees each
+change exactly once, in revision order per shard, with every change of one
+revision together.
+
+Back-pressure: pushes are acknowledged only while the stream's queue is
+short. An application that stops reading stops acknowledging; the node's
+buffer for it fills and the node cancels the watch as lagging; the stream
+resumes from its last revision when the application catches up. Memory stays
+bounded on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from slixmpp import Iq
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher.base import MatcherBase
+
+from kvstore.directory import NodeInfo
+from kvstore.xmpp import IQ_TAG, answer, reply_error
+from protocol import keys
+from protocol import stanza as wire
+from protocol.errors import Compacted, KvError, NotOwner, Unavailable
+from protocol.model import Event
+
+if TYPE_CHECKING:
+    from kvstore.client import Client
+
+log = logging.getLogger(__name__)
+
+_EVENTS_TAG = f"{{{wire.NS}}}events"
+HIGH_WATER = 1000
+"""Queued events above which pushes are no longer acknowledged."""
+
+
+class _PushMatcher(MatcherBase):
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def match(self, stanza: Any) -> bool:
+        xml = stanza.xml
+        if xml.tag != IQ_TAG or xml.get("type") != "set":
+            return False
+        for child in xml:
+            return child.tag == _EVENTS_TAG
+        return False
+
+
+@dataclass(eq=False)
+class _ShardSub:
+    """The stream's subscription to one shard."""
+
+    shard: str
+    resume: int | None
+    """The next revision wanted; None until the first subscription says where "now" is."""
+    watch_id: str | None = None
+    node_jid: str | None = None
+    subscribing: bool = False
+    lost_since: float | None = None
+    partial: list[Event] = field(default_factory=list)
+
+
+class WatchStream:
+    """Changes to a key or a subtree; iterate with ``async for``."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, client: Client, key: str, *, prefix: bool,
+                 since: int | Mapping[str, int] | None, prev_kv: bool,
+                 unavailable_timeout: float | None) -> None:
+        self.client = client
+        self.key = key
+        self.prefix = prefix
+        self.since = since
+        self.prev_kv = prev_kv
+        self.unavailable_timeout = unavailable_timeout
+        self.subs: dict[str, _ShardSub] = {}
+        self._queue: deque[Event] = deque()
+        self._held_acks: list[Iq] = []
+        self._wakeup = asyncio.Event()
+        self._error: BaseException | None = None
+        self._started = False
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.resubscriptions = 0
+
+    # --- wiring into the client --------------------------------------------
+
+    # --- public ---------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def __aenter__(self) -> WatchStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    def revisions(self) -> dict[str, int]:
+        """Shard -> the next revision this stream will deliver (to resume it later)."""
+        return {shard: sub.resume for shard, sub in self.subs.items() if sub.resume is not None}
+
+    async def start(self) -> None:
+        """Subscribe to every shard; raise Unavailable if one has no node online."""
+        if self._started:
+            return
+        self._started = True
+        directory = self.client.directory
+        shards = directory.subtree(self.key) if self.prefix else [directory.shard_of(self.key)]
+        if not shards:
+            raise Unavailable(f"no storage node online serves {self.key}")
+        for shard in shards:
+            self.subs[shard] = _ShardSub(shard, self._since(shard))
+        self.client.watches.open.add(self)
+        try:
+            await asyncio.gather(*(self._subscribe(sub, strict=True) for sub in self.subs.values()))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Cancel the watch on every node; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.client.watches.open.discard(self)
+        for task in self._tasks:
+            task.cancel()
+        for ack in self._held_acks:
+            ack.send()
+        self._held_acks.clear()
+        for sub in self.subs.values():
+            if sub.watch_id and sub.node_jid and self.client.session.online.is_set():
+                request = wire.Cancel()
+                request.set_attrs(id=sub.watch_id)
+                iq = self.client.session.iq(sub.node_jid, "set", request.xml)
+                self.client.session.send_iq(iq, 2.0).add_done_callback(_quiet)
+            self._unroute(sub)
+        self._wakeup.set()
+
+    # --- the consumer side ------------------------------------------------
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        try:
+            await self.start()
+            while True:
+                while self._queue:
+                    event = self._queue.popleft()
+                    if self._held_acks and len(self._queue) < HIGH_WATER // 2:
+                        for ack in self._held_acks:
+                            ack.send()
+                        self._held_acks.clear()
+                    yield event
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), 0.5)
+                except TimeoutError:
+                    self._check_unavailable()
+        finally:
+            await self.close()
+
+    def _check_unavailable(self) -> None:
+        if self.unavailable_timeout is None:
+            return
+        now = time.monotonic()
+        for sub in self.subs.values():
+            if sub.lost_since is not None and now - sub.lost_since > self.unavailable_timeout:
+                self._error = Unavailable(
+                    f"no storage node serving shard {sub.shard} has been reachable for "
+                    f"{now - sub.lost_since:.0f}s"
+                )
+                return
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wakeup.set()
+
+    # --- subscriptions --------------------------------------------------
+
+    def _since(self, shard: str) -> int | None:
+        if self.since is None:
+            return None
+        if isinstance(self.since, Mapping):
+            return self.since.get(shard)
+        return int(self.since)
+
+    def _unroute(self, sub: _ShardSub) -> None:
+        if sub.watch_id is not None:
+            self.client.watches.routes.pop(sub.watch_id, None)
+        sub.watch_id = None
+        sub.node_jid = None
+        sub.partial.clear()
+
+    def _lose(self, sub: _ShardSub) -> None:
+        self._unroute(sub)
+        if sub.lost_since is None:
+            sub.lost_since = time.monotonic()
+
+    def _spawn_subscribe(self, sub: _ShardSub) -> None:
+        if self._closed or sub.subscribing or sub.watch_id is not None:
+            return
+        task = asyncio.ensure_future(self._subscribe(sub, strict=False))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _subscribe(self, sub: _ShardSub, *, strict: bool) -> None:
+        node = self.client.directory.owner(sub.shard)
+        if node is None or node.jid is None:
+            self._lose(sub)
+            if strict:
+                raise Unavailable(f"no storage node serving shard {sub.shard} is online")
+            return
+        sub.subscribing = True
+        watch_id = f"{self.client.session.jid.resource}-{secrets.token_hex(2)}-{next(self._ids)}"
+        sub.watch_id, sub.node_jid = watch_id, node.jid
+        self.client.watches.routes[watch_id] = (self, sub)
+        request = wire.Watch()
+        request.set_attrs(id=watch_id, key=self.key, shard=sub.shard, prefix=self.prefix,
+                          start_rev=sub.resume, prev_kv=self.prev_kv, progress=True)
+        try:
+            result = await self.client._call(node, "set", request, None)
+        except Compacted as error:
+            self._unroute(sub)
+            self._fail(error)
+            if strict:
+                raise
+            return
+        except NotOwner as error:
+            self.client.directory.learn_shard(error.shard)
+            self._lose(sub)
+            self._fail(Unavailable(f"shard {sub.shard} moved: {error}"))
+            if strict:
+                raise Unavailable(str(error)) from None
+            return
+        except KvError as error:
+            self._lose(sub)
+            if strict:
+                raise
+            log.info("resubscribing to %s failed: %s", sub.shard, error)
+            return
+        finally:
+            sub.subscribing = False
+        if sub.watch_id != watch_id:
+            return  # lost again while subscribing
+        started = result["kv_watch"].int_attr("start-rev", 0)
+        if sub.resume is None:
+            sub.resume = started
+        sub.lost_since = None
+        self.resubscriptions += 1
+
+    # --- pushes -----------------------------------------------------------
+
+    def _on_push(self, sub: _ShardSub, payload: wire.Events, iq: Iq) -> None:
+        cancelled = payload.attr("cancelled")
+        if cancelled:
+            answer(iq).send()
+            self._unroute(sub)
+            if cancelled == "compacted":
+                self._fail(Compacted(f"shard {sub.shard} compacted past revision {sub.resume}"))
+            else:
+                log.info("watch on %s cancelled by the node (%s); resuming from %s",
+                         sub.shard, cancelled, sub.resume)
+                self._spawn_subscribe(sub)
+            return
+        rev = payload.int_attr("rev", 0) or 0
+        for event in payload.events():
+            if sub.resume is None or event.rev >= sub.resume:
+                sub.partial.append(event)
+        if not payload.bool_attr("more"):
+            self._queue.extend(sub.partial)
+            sub.partial.clear()
+            sub.resume = max(sub.resume or 0, rev + 1)
+        self._wakeup.set()
+        if len(self._queue) < HIGH_WATER:
+            answer(iq).send()
+        else:
+            self._held_acks.append(answer(iq))
+
+
+class WatchRegistry:
+    """A client's open streams, and the routing of pushes and presence to them."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.routes: dict[str, tuple[WatchStream, _ShardSub]] = {}
+        """Watch id (on the node) -> the stream and shard subscription it feeds."""
+        self.open: set[WatchStream] = set()
+        client.session.xmpp.register_handler(
+            Callback("kv pushes", _PushMatcher(), self._on_push))
+        client.directory.listeners.append(self._on_node)
+        client.session.on_stop.append(self._on_session_lost)
+
+    async def close(self) -> None:
+        for stream in list(self.open):
+            await stream.close()
+
+    def _on_push(self, iq: Iq) -> None:
+        payload = iq["kv_events"]
+        watch_id = payload.attr("watch") or ""
+        stream, sub = self.routes.get(watch_id, (None, None))
+        if stream is None or sub is None or sub.watch_id != watch_id or \
+                iq.xml.get("from") != sub.node_jid:
+            reply_error(iq, KvError(f"no watch {watch_id!r} here")).send()
+            return
+        try:
+            stream._on_push(sub, payload, iq)
+        except KvError as error:
+            reply_error(iq, error).send()
+
+    def _on_node(self, node: NodeInfo) -> None:
+        for stream in list(self.open):
+            if stream._closed or not stream._started:
+                continue
+            for sub in stream.subs.values():
+                if sub.node_jid is not None and sub.node_jid != node.jid and \
+                        sub.node_jid.split("/")[0] == node.bare:
+                    stream._lose(sub)  # its node went away, or came back as a new session
+            if not node.online:
+                continue
+            for shard, announced in node.shards.items():
+                sub = stream.subs.get(shard)
+                if sub is None:
+                    if not (stream.prefix and keys.is_strict_prefix(stream.key, shard)):
+                        continue
+                    # A shard that appeared under the watched subtree: all it
+                    # has taken since it announced itself is new to us.
+                    sub = _ShardSub(shard, announced + 1, lost_since=time.monotonic())
+                    stream.subs[shard] = sub
+                stream._spawn_subscribe(sub)
+
+    def _on_session_lost(self) -> None:
+        for stream in list(self.open):
+            for sub in stream.subs.values():
+                stream._lose(sub)
+
+
+def _quiet(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()
