@@ -1,0 +1,143 @@
+"""Faults: dead nodes, a dead or frozen server, kill -9 under write load."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from kvstore.client import Client
+from kvstore.config import ConnectionSettings
+from kvstore.devcluster import DevCluster
+from kvstore.testing import free_port
+from kvstore.xmpp import AuthenticationFailed
+from protocol.errors import KvError, Timeout, Unavailable
+
+
+async def test_client_learns_within_a_second_that_a_node_went_away(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster(shards=["/", "/b"])
+    async with Client(dev.settings()) as kv:
+        await kv.put("/b/x", b"1")
+        dev.kill_node("node2", signal.SIGKILL)
+        started = time.monotonic()
+        while kv.directory.nodes["node2@localhost"].online:
+            assert time.monotonic() - started < 1.0, "presence did not report the dead node"
+            await asyncio.sleep(0.01)
+        # Operations on its shard fail fast; the other shard keeps working.
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await kv.get("/b/x")
+        with pytest.raises(Unavailable):
+            await kv.get_prefix("/", limit=10)
+        assert time.monotonic() - started < 0.5
+        await kv.put("/a", b"still served")
+        assert (await kv.get("/a")).value == b"still served"
+        # And the node is back in business once it returns.
+        await asyncio.to_thread(dev.start_node, "node2")
+        deadline = time.monotonic() + 5
+        while not kv.directory.nodes["node2@localhost"].online:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert (await kv.get("/b/x")).value == b"1"
+
+
+async def test_a_shard_whose_node_never_came_up_is_unavailable(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster(shards=["/", "/b"])
+    dev.kill_node("node2")
+    async with Client(dev.settings()) as kv:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await kv.put("/b/x", b"1")
+        assert time.monotonic() - started < 1.0
+        # node1 must refuse /b keys rather than store them (it knows /b is a shard).
+        with pytest.raises(KvError):
+            await kv.get("/b/x")
+
+
+async def test_nothing_listening_is_unavailable_at_once() -> None:
+    settings = ConnectionSettings(jid="client@localhost", password="x", port=free_port(),
+                                  plaintext=True, timeout=3, nodes=["node1@localhost"])
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="cannot reach"):
+        await Client(settings, reconnect=False).connect()
+    assert time.monotonic() - started < 2
+
+
+async def test_wrong_password_is_reported_as_such(cluster: DevCluster) -> None:
+    settings = cluster.settings()
+    settings.password = "not the password"
+    with pytest.raises(AuthenticationFailed, match="refused the login"):
+        await Client(settings, reconnect=False).connect()
+
+
+async def test_acknowledged_writes_survive_kill_9_under_load(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster()
+    acked: dict[str, bytes] = {}
+    async with Client(dev.settings(timeout=2)) as kv:
+        async def writer(worker: int) -> None:
+            for i in range(2000):
+                key, value = f"/load/w{worker}/k{i}", f"{worker}:{i}".encode()
+                try:
+                    await kv.put(key, value)
+                except KvError:
+                    return  # the node died under us: stop writing
+                acked[key] = value
+
+        writers = [asyncio.ensure_future(writer(w)) for w in range(16)]
+        await asyncio.sleep(1.0)
+        assert acked, "nothing was acknowledged before the kill"
+        dev.kill_node("node1", signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*writers), 10)
+    await asyncio.to_thread(dev.start_node, "node1")
+    async with Client(dev.settings()) as kv:
+        stored = {item.key: item.value for item in (await kv.get_prefix("/load")).items}
+    lost = [key for key in acked if stored.get(key) != acked[key]]
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged writes lost, e.g. {lost[:3]}"
+
+
+async def test_a_frozen_server_gives_timeouts_not_hangs_and_then_recovery(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster()
+    async with Client(dev.settings(timeout=1)) as kv:
+        await kv.put("/f/a", b"before")
+        dev.prosody.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(Timeout):
+                await kv.get("/f/a")
+            assert time.monotonic() - started < 2
+            await asyncio.sleep(4)
+        finally:
+            dev.prosody.resume()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert (await kv.get("/f/a")).value == b"before"
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "the client never recovered"
+                await asyncio.sleep(0.2)
+
+
+async def test_client_and_node_reconnect_after_a_server_restart(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster()
+    async with Client(dev.settings(timeout=2)) as kv:
+        await kv.put("/r/a", b"before")
+        await asyncio.to_thread(dev.prosody.restart)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                await kv.put("/r/b", b"after")
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "no recovery after the restart"
+                await asyncio.sleep(0.2)
+        assert (await kv.get("/r/a")).value == b"before"
+        assert (await kv.get("/r/b")).value == b"after"
