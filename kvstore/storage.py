@@ -144,7 +144,9 @@ def _pack_log(events: list[Event]) -> bytes:
             kv.value,
             kv.create_rev,
             kv.version,
-            (prev.value, prev.create_rev, prev.mod_rev, prev.version) if prev else None,
+            (prev.value, prev.create_rev, prev.mod_rev, prev.version, prev.ephemeral)
+            if prev else None,
+            kv.ephemeral,
         ))
     return msgpack.packb((time.time(), entries))
 
@@ -152,15 +154,27 @@ def _pack_log(events: list[Event]) -> bytes:
 def _unpack_log(shard: str, rev: int, raw: bytes) -> tuple[float, list[Event]]:
     stamp, entries = msgpack.unpackb(raw)
     events = []
-    for kind, key, value, create_rev, version, prev in entries:
-        prev_kv = KeyValue(key, prev[0], prev[3], prev[1], prev[2]) if prev else None
+    for entry in entries:
+        # Entries written before the owner was logged have six fields, prevs four.
+        kind, key, value, create_rev, version, prev = entry[:6]
+        ephemeral = entry[6] if len(entry) > 6 else None
+        prev_kv = KeyValue(key, prev[0], prev[3], prev[1], prev[2],
+                           prev[4] if len(prev) > 4 else None) if prev else None
         events.append(Event(
             EventType.PUT if kind == _PUT else EventType.DELETE,
-            KeyValue(key, value, version, create_rev, rev),
+            KeyValue(key, value, version, create_rev, rev, ephemeral),
             shard,
             prev_kv,
         ))
     return stamp, events
+
+
+def _item_size(raw_key: bytes, value_bytes: int) -> int:
+    """Bytes a record takes in an answer: ``<item key= version= create-rev= mod-rev=>``,
+    the key UTF-8 and XML-escaped, the value in base64."""
+    escapes = 4 * raw_key.count(b"&") + 3 * (raw_key.count(b"<") + raw_key.count(b">"))
+    return (len(raw_key) + escapes + 5 * raw_key.count(b'"') + (value_bytes + 2) // 3 * 4
+            + 100)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -179,9 +193,14 @@ def _ephemeral_entry(owner: str, shard: str, raw_key: bytes) -> bytes:
     return owner.encode() + b"\0" + digest
 
 
-def _scope(shard: str, key: str) -> str:
-    """The part of ``key``'s subtree that shard ``shard`` can hold: the deeper of the two."""
-    return key if keys.is_prefix(shard, key) else shard
+def _scope(shard: str, key: str) -> str | None:
+    """The part of ``key``'s subtree that shard ``shard`` can hold: the deeper of the two.
+
+    None if the two are disjoint: the shard holds nothing of that subtree.
+    """
+    if keys.is_prefix(shard, key):
+        return key
+    return shard if keys.is_prefix(key, shard) else None
 
 
 def _subtree(cursor: lmdb.Cursor, top: bytes, start: bytes | None = None) -> Iterator[bytes]:
@@ -276,13 +295,17 @@ class Engine:
         """Records of ``key`` and its subtree in tree order.
 
         Returns (records, more, rev); ``more`` says the limit (a count, or a
-        byte budget for the values) cut the answer short.
+        byte budget for the answer as it travels: keys XML-escaped, values in
+        base64) cut the answer short.
         """
         db = self._kv_db(shard)
-        top = keys.tree_order(_scope(shard, key))
+        scope = _scope(shard, key)
+        if scope is None:
+            return [], False, self.revision(shard)
+        top = keys.tree_order(scope)
         start = keys.tree_order(after) if after else None
         found: list[KeyValue] = []
-        budget = max_bytes if max_bytes is not None else -1
+        budget = max_bytes
         more = False
         with self.env.begin() as txn:
             rev = self.revision(shard, txn)
@@ -292,8 +315,8 @@ class Engine:
                     more = True
                     break
                 record = _unpack_record(keys.from_tree_order(raw_key), cursor.value())
-                if budget >= 0:
-                    budget -= len(record.value) + len(raw_key) + 64
+                if budget is not None:
+                    budget -= _item_size(raw_key, len(record.value))
                     if budget < 0 and found:
                         more = True
                         break
@@ -342,7 +365,7 @@ class Engine:
         if db is None:
             raise NotOwner(f"this node does not hold shard {shard}", shard=None)
         changes: list[Change] = []
-        budget = max_bytes if max_bytes is not None else -1
+        budget = max_bytes
         with self.env.begin() as txn:
             rev = self.revision(shard, txn)
             compacted = self._meta_int(txn, self._meta, b"compact:" + shard.encode())
@@ -355,7 +378,7 @@ class Engine:
             while found and len(changes) < limit:
                 at = _REV.unpack(cursor.key())[0]
                 raw = cursor.value()
-                if budget >= 0:
+                if budget is not None:
                     budget -= len(raw)
                     if budget < 0 and changes:
                         break
@@ -532,7 +555,10 @@ class _Batch:
             change = self._log(op.shard, rev, [self._tombstone(op.shard, current, rev)])
             return Outcome(changes=[change], deleted=1)
 
-        top = keys.tree_order(_scope(op.shard, op.key))
+        scope = _scope(op.shard, op.key)
+        if scope is None:
+            return Outcome()
+        top = keys.tree_order(scope)
         cursor = self.txn.cursor(db=db)
         doomed = [(raw_key, cursor.value()) for raw_key in _subtree(cursor, top)]
         if not doomed:

@@ -78,10 +78,18 @@ class Watch:
         return [event for event in events if self.matches(event.key)]
 
 
-def _event_size(event: Event) -> int:
-    size = len(event.kv.value) * 4 // 3 + len(event.kv.key) + 120
-    if event.prev is not None:
-        size += len(event.prev.value) * 4 // 3 + len(event.prev.key) + 100
+def _attr_len(text: str) -> int:
+    """Bytes ``text`` takes in an XML attribute: UTF-8, with ``& < > "`` escaped."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return (size + 4 * text.count("&") + 3 * (text.count("<") + text.count(">"))
+            + 5 * text.count('"'))
+
+
+def _event_size(event: Event, with_prev: bool) -> int:
+    """Bytes the event takes in a push (the value travels as base64)."""
+    size = (len(event.kv.value) + 2) // 3 * 4 + _attr_len(event.kv.key) + 120
+    if with_prev and event.prev is not None:
+        size += (len(event.prev.value) + 2) // 3 * 4 + _attr_len(event.prev.key) + 100
     return size
 
 
@@ -181,15 +189,23 @@ class WatchHub:
             if watch.buffer and watch.in_flight < self.limits.window:
                 self._pump(watch)
 
-    def _buffer(self, watch: Watch, rev: int, events: list[Event]) -> None:
+    def _buffer(self, watch: Watch, rev: int, events: list[Event],
+                size: int | None = None) -> None:
         watch.buffer.append((rev, events))
         watch.buffered_events += len(events)
-        watch.buffered_bytes += sum(_event_size(event) for event in events)
-        if (watch.buffered_events > self.limits.max_buffered_events
-                or watch.buffered_bytes > self.limits.max_buffered_bytes):
+        if size is None:
+            size = sum(_event_size(event, watch.prev_kv) for event in events)
+        watch.buffered_bytes += size
+        # One revision alone is never too much: it is the unit of delivery, and
+        # a watcher with nothing else waiting is not behind.
+        if len(watch.buffer) > 1 and self._over_limits(watch):
             self.lagging_cancels += 1
             log.info("watch %s of %s is lagging; cancelling it", watch.id, watch.watcher)
             self._end(watch, "lagging")
+
+    def _over_limits(self, watch: Watch, events: int = 0, size: int = 0) -> bool:
+        return (watch.buffered_events + events > self.limits.max_buffered_events
+                or watch.buffered_bytes + size > self.limits.max_buffered_bytes)
 
     def _catch_up(self, watch: Watch) -> None:
         """Move one chunk of history from the log into the buffer."""
@@ -202,10 +218,13 @@ class WatchHub:
             self._end(watch, "compacted")
             return
         for change in changes:
-            watch.next_rev = change.rev + 1
             selected = watch.select(change.events)
+            size = sum(_event_size(event, watch.prev_kv) for event in selected)
+            if watch.buffer and self._over_limits(watch, len(selected), size):
+                break  # the buffer is full: read on once it has drained
+            watch.next_rev = change.rev + 1
             if selected:
-                self._buffer(watch, change.rev, selected)
+                self._buffer(watch, change.rev, selected, size)
                 if watch.closed:
                     return
         if watch.next_rev > current:
@@ -233,7 +252,7 @@ class WatchHub:
         more = False
         while watch.buffer:
             rev, events = watch.buffer[0]
-            sizes = [_event_size(event) for event in events]
+            sizes = [_event_size(event, watch.prev_kv) for event in events]
             if sum(sizes) > budget and last_rev:
                 break  # the next revision goes whole into the next push
             taken = 0

@@ -50,7 +50,7 @@ def parse_int(text: str | None, name: str, *, default: int | None = None,
     """Read a decimal attribute; absent gives ``default``, junk raises BadRequest."""
     if text is None or text == "":
         return default
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
+    if not text.isascii() or not text.removeprefix("-").isdigit() or len(text) > 20:
         raise BadRequest(f"attribute {name!r} must be an integer, not {text!r}")
     number = int(text)
     if number < minimum:
