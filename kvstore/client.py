@@ -103,7 +103,8 @@ class Client:
                  reconnect: bool = True) -> None:
         self.settings = settings
         self.timeout = settings.timeout
-        self.session = Session(settings, resource=resource, reconnect=reconnect)
+        self.session = Session(settings, resource=resource, reconnect=reconnect,
+                               plugins=("xep_0199",))
         self.directory = Directory(self.session, settings.nodes)
         self.watches = WatchRegistry(self)
 

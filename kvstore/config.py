@@ -179,6 +179,12 @@ class NodeConfig:
     retain_revisions: int = 100_000
     retain_seconds: float = 24 * 3600.0
     compact_interval: float = 60.0
+    ephemeral_grace: float = 1.0
+    """Seconds an ephemeral key outlives its writer's session (a reconnect within it keeps it)."""
+    ping_interval: float = 4.0
+    """Seconds between pings of the holders of ephemeral keys (XEP-0199)."""
+    ping_timeout: float = 5.0
+    """A holder that answers no ping within this is taken for hung and loses its keys."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NodeConfig:
@@ -199,6 +205,7 @@ class NodeConfig:
             raise ConfigError(f"{path}: node.data_dir is missing")
         limits_table = data.get("limits", {})
         storage = data.get("storage", {})
+        ephemeral = data.get("ephemeral", {})
         try:
             limits = Limits(**limits_table)
         except TypeError as exc:
@@ -214,4 +221,7 @@ class NodeConfig:
             retain_revisions=int(storage.get("retain_revisions", 100_000)),
             retain_seconds=float(storage.get("retain_seconds", 24 * 3600.0)),
             compact_interval=float(storage.get("compact_interval", 60.0)),
+            ephemeral_grace=float(ephemeral.get("grace", 1.0)),
+            ping_interval=float(ephemeral.get("ping_interval", 4.0)),
+            ping_timeout=float(ephemeral.get("ping_timeout", 5.0)),
         )

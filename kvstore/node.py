@@ -34,7 +34,14 @@ from kvstore.watch_hub import WatchHub
 from kvstore.xmpp import IQ_TAG, Session, answer, reply_error
 from protocol import keys
 from protocol import stanza as wire
-from protocol.errors import BadRequest, KeyNotFound, KvError, NotOwner, ValueTooLarge
+from protocol.errors import (
+    BadRequest,
+    KeyNotFound,
+    KvError,
+    NotOwner,
+    Unavailable,
+    ValueTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,9 @@ class StorageNode:
         self.started = time.time()
         self.peers: set[str] = set()
         """Full JIDs whose available presence the node has seen."""
+        self.holders: set[str] = set(self.engine.ephemeral_owners())
+        """Sessions (full JIDs) that hold ephemeral keys here."""
+        self._expiring: dict[str, asyncio.TimerHandle] = {}
         self._handlers = {
             ("get", "get"): self._on_get,
             ("get", "list"): self._on_list,
@@ -107,6 +117,7 @@ class StorageNode:
         self.xmpp["xep_0030"].add_feature(wire.NS)
         await self.session.start()
         self._tasks.append(asyncio.ensure_future(self._compact_loop()))
+        self._tasks.append(asyncio.ensure_future(self._ping_loop()))
         self.hub.start()
         log.info("serving %s as %s", ", ".join(self.own_shards), self.jid)
 
@@ -146,12 +157,20 @@ class StorageNode:
         self.xmpp.send_presence(pto=who, ptype="subscribe")
 
     def _on_available(self, presence: Presence) -> None:
-        self.peers.add(str(presence["from"]))
+        who = str(presence["from"])
+        self.peers.add(who)
+        timer = self._expiring.pop(who, None)
+        if timer is not None:
+            timer.cancel()  # back within the grace period: its keys stay
 
     def _on_unavailable(self, presence: Presence) -> None:
         who = str(presence["from"])
         self.peers.discard(who)
         self.hub.drop_watcher(who)
+        if who in self.holders and who not in self._expiring:
+            loop = asyncio.get_running_loop()
+            self._expiring[who] = loop.call_later(self.config.ephemeral_grace,
+                                                  self._expire_soon, who)
 
     def _on_commit(self, changes: list[Change]) -> None:
         self.hub.publish(changes)
@@ -302,6 +321,8 @@ class StorageNode:
         if outcome is None:
             return
         kv = outcome.kv
+        if kv.ephemeral:
+            self.holders.add(kv.ephemeral)
         result = wire.Put()
         result.set_attrs(rev=outcome.rev, version=kv.version, create_rev=kv.create_rev,
                          mod_rev=kv.mod_rev)
@@ -374,8 +395,51 @@ class StorageNode:
         answer(iq, result.xml).send()
 
     # --- ephemeral keys ---------------------------------------------------
+    #
+    # A crashed writer's stream closes and the server sends its unavailable
+    # presence at once; after a short grace period (a reconnect keeps the
+    # keys) they go. A hung writer sends nothing and the server says nothing,
+    # so the node pings every holder (XEP-0199) and takes silence for death.
+
+    def _expire_soon(self, owner: str) -> None:
+        self._expiring.pop(owner, None)
+        task = asyncio.ensure_future(self.expire_session(owner))
+        task.add_done_callback(_log_failure)
 
     async def expire_session(self, owner: str) -> int:
+        """Delete every ephemeral key of the session ``owner`` (a full JID)."""
+        self.holders.discard(owner)
+        timer = self._expiring.pop(owner, None)
+        if timer is not None:
+            timer.cancel()
         outcome = await self.committer.submit(DeleteEphemeralOp(owner))
+        if outcome.deleted:
+            log.info("%s is gone: deleted its %d ephemeral keys", owner, outcome.deleted)
         return outcome.deleted
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ping_interval)
+            if not self.session.online.is_set():
+                continue
+            for owner in list(self.holders):
+                if owner in self._expiring:
+                    continue
+                iq = self.session.iq(owner, "get", ET.Element("{urn:xmpp:ping}ping"))
+                future = self.session.send_iq(iq, self.config.ping_timeout)
+                future.add_done_callback(lambda done, who=owner: self._pinged(who, done))
+
+    def _pinged(self, owner: str, done: asyncio.Future[Any]) -> None:
+        error = done.exception()
+        # Unavailable: the server answered for an offline session. Timeout:
+        # the session is there but silent. Any other answer proves life.
+        if isinstance(error, Unavailable) and owner in self.holders and \
+                self.session.online.is_set():
+            log.info("%s did not answer a ping (%s)", owner, error)
+            self._expire_soon(owner)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("expiring ephemeral keys failed", exc_info=task.exception())
 
