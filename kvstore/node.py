@@ -260,7 +260,7 @@ class StorageNode:
             keys_only = wire.parse_bool(element.get("keys-only"), "keys-only")
             records, more, rev = self.engine.range(
                 shard, key, limit=self._page_limit(element), after=after,
-                max_bytes=None if keys_only else self.limits.max_stanza_bytes,
+                max_bytes=self.limits.max_stanza_bytes, with_values=not keys_only,
             )
             result.set_attrs(rev=rev, more=more)
             result.add_items(records, with_value=not keys_only)

@@ -291,7 +291,8 @@ class Engine:
         return (_unpack_record(key, raw) if raw is not None else None), rev
 
     def range(self, shard: str, key: str, *, limit: int, after: str | None = None,
-              max_bytes: int | None = None) -> tuple[list[KeyValue], bool, int]:
+              max_bytes: int | None = None,
+              with_values: bool = True) -> tuple[list[KeyValue], bool, int]:
         """Records of ``key`` and its subtree in tree order.
 
         Returns (records, more, rev); ``more`` says the limit (a count, or a
@@ -316,7 +317,7 @@ class Engine:
                     break
                 record = _unpack_record(keys.from_tree_order(raw_key), cursor.value())
                 if budget is not None:
-                    budget -= _item_size(raw_key, len(record.value))
+                    budget -= _item_size(raw_key, len(record.value) if with_values else 0)
                     if budget < 0 and found:
                         more = True
                         break

@@ -332,8 +332,11 @@ def answer(iq: Iq, payload: ET.Element | None = None, type_: str = "result") -> 
 def reply_error(iq: Iq, error: KvError) -> Iq:
     """An error answer to ``iq``: the XMPP condition plus the kvstore one."""
     reply = answer(iq, type_="error")
-    reply["error"]["type"] = error.xmpp_type
-    reply["error"]["condition"] = error.xmpp_condition
-    reply["error"]["text"] = str(error)[:1000]
-    reply["error"].xml.append(wire.error_condition(error))
+    # Built by hand: slixmpp's Error stanza only accepts the conditions it
+    # knows, and silently sends another one for the rest (policy-violation).
+    element = ET.SubElement(reply.xml, ERROR_TAG, {"type": error.xmpp_type})
+    ET.SubElement(element, f"{{{wire.STANZAS_NS}}}{error.xmpp_condition}")
+    text = ET.SubElement(element, f"{{{wire.STANZAS_NS}}}text")
+    text.text = str(error)[:1000]
+    element.append(wire.error_condition(error))
     return reply
