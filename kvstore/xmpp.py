@@ -28,6 +28,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
 
 from kvstore.config import ConnectionSettings
+from protocol import agent as agent_wire
 from protocol import stanza as wire
 from protocol.errors import KvError, Timeout, Unavailable
 
@@ -50,6 +51,7 @@ def register_stanzas() -> None:
     """Teach slixmpp the kvstore payloads (idempotent)."""
     for request in wire.REQUESTS:
         register_stanza_plugin(Iq, request)
+    register_stanza_plugin(Iq, agent_wire.Call)
     register_stanza_plugin(Presence, wire.Shards)
 
 

@@ -16,7 +16,9 @@ class KvError(Exception):
     """Base of every error the store reports."""
 
     condition: ClassVar[str] = "internal-error"
-    """Application-specific condition element name (in the kvstore namespace)."""
+    """Application-specific condition element name."""
+    namespace: ClassVar[str | None] = None
+    """The condition element's namespace; None means the kvstore namespace."""
     xmpp_condition: ClassVar[str] = "internal-server-error"
     xmpp_type: ClassVar[str] = "cancel"
 
@@ -148,6 +150,18 @@ CONDITIONS: dict[str, type[KvError]] = {
         ResourceLimit,
     )
 }
+
+APPLICATION_CONDITIONS: dict[tuple[str, str], type[KvError]] = {}
+"""(namespace, condition) -> class, for conditions outside the kvstore namespace."""
+
+
+def register_condition(cls: type[KvError]) -> type[KvError]:
+    """Make a condition of another protocol (the agents') known to ``parse_error``."""
+    CONDITIONS[cls.condition] = cls
+    if cls.namespace:
+        APPLICATION_CONDITIONS[(cls.namespace, cls.condition)] = cls
+    return cls
+
 
 # How a client reads an error that carries no kvstore condition (one the XMPP
 # server generated, for instance, when the addressed node is offline).

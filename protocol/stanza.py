@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 
 from slixmpp.xmlstream import ET, ElementBase
 
-from protocol.errors import BadRequest, KvError, from_condition
+from protocol.errors import APPLICATION_CONDITIONS, BadRequest, KvError, from_condition
 from protocol.model import Event, EventType, KeyValue
 
 NS = "urn:x-kvstore:1"
@@ -317,7 +317,7 @@ REQUESTS: tuple[type[KvElement], ...] = (Get, Put, Delete, ListChildren, Status,
 def error_condition(error: KvError) -> ET.Element:
     """The application-specific condition element for an error stanza."""
     attrs = {name: str(value) for name, value in error.details.items()}
-    return ET.Element(f"{{{NS}}}{error.condition}", attrs)
+    return ET.Element(f"{{{error.namespace or NS}}}{error.condition}", attrs)
 
 
 def parse_error(error: ET.Element | None) -> KvError:
@@ -329,14 +329,14 @@ def parse_error(error: ET.Element | None) -> KvError:
     text = ""
     for child in error:
         namespace, _, name = child.tag[1:].partition("}")
-        if namespace == NS:
-            condition = name
-            details = dict(child.attrib)
-        elif namespace == STANZAS_NS:
+        if namespace == STANZAS_NS:
             if name == "text":
                 text = child.text or ""
             else:
                 xmpp_condition = name
+        elif namespace == NS or (namespace, name) in APPLICATION_CONDITIONS:
+            condition = name
+            details = dict(child.attrib)
     return from_condition(condition, xmpp_condition, text, details)
 
 

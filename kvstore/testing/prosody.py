@@ -90,6 +90,9 @@ storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 allow_registration = false
+-- Without this a second small stanza on a socket waits for the peer's
+-- delayed ACK (about 40 ms) whenever one is already in flight.
+network_settings = {{ nagle = false }}
 modules_enabled = {{ "roster", "saslauth", "disco", "ping", "presence" }}
 modules_disabled = {{ "s2s", "offline" }}
 log = {{

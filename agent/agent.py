@@ -1,0 +1,220 @@
+"""The agent: one XMPP session that hosts actors, registers them, answers calls.
+
+    agent = Agent(settings, name="web1", actors=[Slice("/cluster/ey04", "/slice/13")])
+    await agent.start()          # connect, register every resource, serve calls
+    web = await agent.config("/config/web")    # a live view, current through a watch
+    web.add_listener(apply_change)
+    ...
+    await agent.stop()
+
+Presence stays linear in the number of agents: an agent exchanges presence
+only with the storage nodes (which must see its session to keep its
+ephemeral registry entries alive), never with other agents. Calls come as
+one IQ each and get one answer each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from slixmpp import Iq
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher.base import MatcherBase
+
+from agent.actor import Actor
+from agent.builtin import SysActor
+from agent.registry import Registry
+from agent.resources import RegistryLayout
+from kvstore.client import Client
+from kvstore.config import ConnectionSettings
+from kvstore.recipe import DataWatch, TreeCache
+from kvstore.xmpp import IQ_TAG, answer, reply_error
+from protocol import agent as wire
+from protocol.errors import BadRequest, KvError, ResourceLimit
+from protocol.model import KeyValue
+
+log = logging.getLogger(__name__)
+
+_CALL_TAG = f"{{{wire.NS}}}call"
+
+
+class _CallMatcher(MatcherBase):
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def match(self, stanza: Any) -> bool:
+        xml = stanza.xml
+        if xml.tag != IQ_TAG or xml.get("type") != "set":
+            return False
+        for child in xml:
+            return child.tag == _CALL_TAG
+        return False
+
+
+class Agent:
+    """Hosts actors on one XMPP session and keeps them registered."""
+
+    def __init__(self, settings: ConnectionSettings, *, name: str,
+                 actors: Iterable[Actor] = (), registry_root: str = "/sys",
+                 resource: str = "agent", max_in_flight: int = 64) -> None:
+        self.name = name
+        self.client = Client(settings, resource=resource)
+        self.session = self.client.session
+        self.registry = Registry(self.client, RegistryLayout(registry_root))
+        self.actors: list[Actor] = [SysActor(self), *actors]
+        self.operations: dict[str, Callable[..., Any]] = {}
+        for actor in self.actors:
+            for op_name, method in actor.operations().items():
+                if op_name in self.operations:
+                    raise ValueError(f"two actors define the operation {op_name!r}")
+                self.operations[op_name] = method
+        self.resources = sorted({r for actor in self.actors for r in actor.resources},
+                                key=str.encode)
+        self.max_in_flight = max_in_flight
+        self.started = time.time()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._views: list[TreeCache] = []
+        self._self_watch: DataWatch | None = None
+        self._registered = False
+        self._stopping = False
+        self.session.xmpp.register_handler(Callback("agent calls", _CallMatcher(),
+                                                    self._on_call))
+        self.session.on_start.append(self._on_session_start)
+
+    @property
+    def jid(self) -> str:
+        return str(self.session.jid)
+
+    def description(self) -> dict[str, Any]:
+        return {
+            "jid": self.jid,
+            "name": self.name,
+            "resources": self.resources,
+            "operations": sorted(self.operations),
+            "started": self.started,
+        }
+
+    # --- life cycle -----------------------------------------------------
+
+    async def start(self, timeout: float | None = None) -> Agent:
+        """Connect, register every resource, and start serving calls."""
+        await self.client.connect(timeout)
+        await self.register()
+        self._self_watch = DataWatch(self.client, self.registry.layout.agent_key(self.jid),
+                                     self._on_own_entry)
+        await self._self_watch.start()
+        return self
+
+    async def register(self) -> None:
+        await self.registry.register(self.jid, self.resources, self.description())
+        self._registered = True
+
+    async def stop(self) -> None:
+        """Unregister (so discovery forgets the agent at once) and disconnect."""
+        self._stopping = True
+        if self._self_watch is not None:
+            await self._self_watch.close()
+        for view in self._views:
+            await view.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._registered:
+            try:
+                await self.registry.unregister(self.jid, self.resources, timeout=2.0)
+            except KvError as error:
+                log.info("could not unregister (the keys expire with the session): %s", error)
+        await self.client.close()
+
+    async def __aenter__(self) -> Agent:
+        return await self.start()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    def _on_session_start(self) -> None:
+        # After a reconnect the old session's keys may be gone: write them again.
+        if self._registered and not self._stopping:
+            self._spawn(self._reregister("reconnected"))
+
+    def _on_own_entry(self, entry: KeyValue | None) -> None:
+        # A node deletes an agent's keys when it takes the agent for dead (a
+        # long pause, a lost session). If the agent is in fact alive, it says so.
+        if entry is None and self._registered and not self._stopping:
+            self._spawn(self._reregister("registry entry vanished"))
+
+    async def _reregister(self, why: str) -> None:
+        delay = 0.2
+        while not self._stopping:
+            try:
+                await self.register()
+                log.info("registered again (%s)", why)
+                return
+            except KvError as error:
+                log.info("registering again failed (%s); retrying", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- shared configuration -----------------------------------------------
+
+    async def config(self, prefix: str) -> TreeCache:
+        """A live view of the subtree ``prefix``: a snapshot, then every change."""
+        view = TreeCache(self.client, prefix)
+        await view.start()
+        self._views.append(view)
+        return view
+
+    # --- calls ------------------------------------------------------------
+
+    def _on_call(self, iq: Iq) -> None:
+        try:
+            request = iq["agent_call"]
+            op = request.op
+            function = self.operations.get(op)
+            if function is None:
+                raise wire.UnknownOperation(f"{self.jid} has no operation {op!r}")
+            args = request.payload
+            if args is None:
+                args = {}
+            if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+                raise BadRequest("operation arguments must be a map of names to values")
+            try:
+                inspect.signature(function).bind(**args)
+            except TypeError as error:
+                raise BadRequest(f"bad arguments for {op}: {error}") from None
+            if self._in_flight >= self.max_in_flight:
+                raise ResourceLimit(f"{self.jid} is running {self._in_flight} operations")
+        except KvError as error:
+            reply_error(iq, error).send()
+            return
+        self._in_flight += 1
+        self._spawn(self._run(iq, op, function, args))
+
+    async def _run(self, iq: Iq, op: str, function: Callable[..., Any],
+                   args: dict[str, Any]) -> None:
+        try:
+            result = function(**args)
+            if inspect.isawaitable(result):
+                result = await result
+            response = wire.Call()
+            response.op = op
+            response.payload = result
+        except KvError as error:
+            reply_error(iq, error).send()
+        except Exception as error:
+            log.info("operation %s failed: %s", op, error)
+            reply_error(iq, wire.OperationFailed(f"{type(error).__name__}: {error}")).send()
+        else:
+            answer(iq, response.xml).send()
+        finally:
+            self._in_flight -= 1
