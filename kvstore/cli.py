@@ -110,7 +110,7 @@ async def cmd_put(kv: Client, args: argparse.Namespace) -> int:
     else:
         value = os.fsencode(args.value)
     result = await kv.put(args.key, value, if_version=args.if_version,
-                          if_mod_rev=args.if_mod_rev)
+                          if_mod_rev=args.if_mod_rev, ephemeral=args.ephemeral)
     _write_line(str(result.rev))
     return EXIT_OK
 
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only if the key's version is N (0: only if it does not exist)")
     put.add_argument("--if-mod-rev", type=_non_negative, metavar="REV",
                      help="only if the key was last changed at REV")
+    put.add_argument("--ephemeral", action="store_true",
+                     help="bind the key to this command's session: it is deleted once kv "
+                          "exits (after the node's grace period)")
     put.set_defaults(run=cmd_put)
 
     get = commands.add_parser("get", help="read a key or a subtree")
@@ -293,9 +296,9 @@ async def _run(args: argparse.Namespace) -> int:
         await client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = (parser or build_parser()).parse_args(argv)
     except UsageError as error:
         print(f"kv: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

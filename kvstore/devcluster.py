@@ -69,6 +69,8 @@ class DevCluster:
     node_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Extra TOML tables for every node config, e.g. ``{"limits": {...}}``."""
     log_level: str = "info"
+    allow_registration: bool = True
+    """Let local agents create their own accounts (XEP-0077, loopback only)."""
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
@@ -76,7 +78,8 @@ class DevCluster:
             keys.validate(prefix, allow_root=True)
         if len(set(self.shards)) != len(self.shards):
             raise ValueError("each shard prefix may appear once")
-        self.prosody = Prosody(self.folder / "prosody", port=self.port)
+        self.prosody = Prosody(self.folder / "prosody", port=self.port,
+                               allow_registration=self.allow_registration)
         self.nodes: dict[str, NodeProcess] = {}
         self.client_config = self.folder / "client.toml"
         self._client_password = ""
@@ -110,7 +113,9 @@ class DevCluster:
             _, self._client_password = self.add_account("client")
             for index, prefix in enumerate(self.shards, start=1):
                 self._configure_node(f"node{index}", [prefix])
-            write_toml(self.client_config, self.settings().to_dict())
+            client = self.settings().to_dict()
+            client["agents"] = {"register": self.allow_registration}
+            write_toml(self.client_config, client)
             for node in self.nodes.values():
                 self._spawn(node)
             for node in self.nodes.values():

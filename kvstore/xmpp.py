@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slixmpp import JID, ClientXMPP, Iq, Presence
+from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET, register_stanza_plugin
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
@@ -310,6 +311,37 @@ class Session:
 
     def send(self, stanza: Any) -> None:
         self.xmpp.send(stanza)
+
+
+async def create_account(settings: ConnectionSettings, timeout: float = 10.0) -> bool:
+    """Create ``settings.jid`` with its password by in-band registration (XEP-0077).
+
+    Returns True if the account was created, False if it already existed (and
+    the password works). Raises Unavailable if the server is down or refuses.
+    """
+    session = Session(settings, reconnect=False, plugins=("xep_0077",))
+    xmpp = session.xmpp
+    xmpp["xep_0077"].force_registration = True
+    created: list[bool] = []
+
+    async def register(_form: Any) -> None:
+        request = xmpp.Iq()
+        request["type"] = "set"
+        request["register"]["username"] = xmpp.boundjid.user
+        request["register"]["password"] = settings.password
+        try:
+            await request.send(timeout=timeout)
+            created.append(True)
+        except IqError as error:
+            if error.condition != "conflict":
+                log.warning("registration of %s refused: %s", settings.jid, error.condition)
+
+    xmpp.add_event_handler("register", register)
+    try:
+        await session.start(timeout)
+    finally:
+        await session.close()
+    return bool(created)
 
 
 def _expire(future: asyncio.Future[Any], to: str | None, timeout: float) -> None:

@@ -55,11 +55,13 @@ class Prosody:
     """One Prosody process serving ``domain`` on 127.0.0.1."""
 
     def __init__(self, folder: str | os.PathLike[str], *, port: int | None = None,
-                 domain: str = DOMAIN, log_level: str = "warn") -> None:
+                 domain: str = DOMAIN, log_level: str = "warn",
+                 allow_registration: bool = False) -> None:
         self.folder = Path(folder).resolve()
         self.port = port or free_port()
         self.domain = domain
         self.log_level = log_level
+        self.allow_registration = allow_registration
         self.process: subprocess.Popen[bytes] | None = None
         self.config_path = self.folder / "prosody.cfg.lua"
         self.data_path = self.folder / "data"
@@ -89,11 +91,15 @@ authentication = "internal_hashed"
 storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
-allow_registration = false
+-- In-band registration (XEP-0077), from loopback only, when the cluster
+-- lets agents create their own accounts.
+allow_registration = {"true" if self.allow_registration else "false"}
+registration_allowlist = {{ "127.0.0.1", "::1" }}
+allowlist_registration_only = true
 -- Without this a second small stanza on a socket waits for the peer's
 -- delayed ACK (about 40 ms) whenever one is already in flight.
 network_settings = {{ nagle = false }}
-modules_enabled = {{ "roster", "saslauth", "disco", "ping", "presence" }}
+modules_enabled = {{ "roster", "saslauth", "disco", "ping", "presence", "register" }}
 modules_disabled = {{ "s2s", "offline" }}
 log = {{
     {{ levels = {{ min = {_lua_string(self.log_level)} }}, to = "file",
