@@ -80,7 +80,9 @@ class Agent:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._views: list[TreeCache] = []
-        self._self_watch: DataWatch | None = None
+        self._own_watches: list[DataWatch] = []
+        self._reregistering = False
+        self._again = False
         self._registered = False
         self._stopping = False
         self.session.xmpp.register_handler(Callback("agent calls", _CallMatcher(),
@@ -106,9 +108,11 @@ class Agent:
         """Connect, register every resource, and start serving calls."""
         await self.client.connect(timeout)
         await self.register()
-        self._self_watch = DataWatch(self.client, self.registry.layout.agent_key(self.jid),
-                                     self._on_own_entry)
-        await self._self_watch.start()
+        layout = self.registry.layout
+        own = [layout.agent_key(self.jid)]
+        own += [layout.provider_key(resource, self.jid) for resource in self.resources]
+        self._own_watches = [DataWatch(self.client, key, self._on_own_entry) for key in own]
+        await asyncio.gather(*(watch.start() for watch in self._own_watches))
         return self
 
     async def register(self) -> None:
@@ -118,8 +122,8 @@ class Agent:
     async def stop(self) -> None:
         """Unregister (so discovery forgets the agent at once) and disconnect."""
         self._stopping = True
-        if self._self_watch is not None:
-            await self._self_watch.close()
+        for watch in self._own_watches:
+            await watch.close()
         for view in self._views:
             await view.close()
         for task in list(self._tasks):
@@ -149,16 +153,25 @@ class Agent:
             self._spawn(self._reregister("registry entry vanished"))
 
     async def _reregister(self, why: str) -> None:
+        if self._reregistering:
+            self._again = True  # a deletion raced with the write in progress
+            return
+        self._reregistering = True
         delay = 0.2
-        while not self._stopping:
-            try:
-                await self.register()
-                log.info("registered again (%s)", why)
-                return
-            except KvError as error:
-                log.info("registering again failed (%s); retrying", error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        try:
+            while not self._stopping:
+                try:
+                    self._again = False
+                    await self.register()
+                    log.info("registered again (%s)", why)
+                    if not self._again:
+                        return
+                except KvError as error:
+                    log.info("registering again failed (%s); retrying", error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            self._reregistering = False
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

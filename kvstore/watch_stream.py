@@ -158,26 +158,46 @@ class WatchStream:
 
     # --- the consumer side ------------------------------------------------
 
+    async def next(self, timeout: float | None = None) -> Event:
+        """The next event; TimeoutError if none comes in time (the stream stays open).
+
+        Raises StopAsyncIteration once the stream is closed, and whatever ended
+        it otherwise (Unavailable, Compacted).
+        """
+        await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._queue:
+                event = self._queue.popleft()
+                if self._held_acks and len(self._queue) < HIGH_WATER // 2:
+                    for ack in self._held_acks:
+                        ack.send()
+                    self._held_acks.clear()
+                return event
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise StopAsyncIteration
+            wait = 0.5
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0:
+                    raise TimeoutError(f"no event within {timeout:g}s")
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+            except TimeoutError:
+                self._check_unavailable()
+
     async def _iterate(self) -> AsyncIterator[Event]:
         try:
-            await self.start()
             while True:
-                while self._queue:
-                    event = self._queue.popleft()
-                    if self._held_acks and len(self._queue) < HIGH_WATER // 2:
-                        for ack in self._held_acks:
-                            ack.send()
-                        self._held_acks.clear()
-                    yield event
-                if self._error is not None:
-                    raise self._error
-                if self._closed:
-                    return
-                self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), 0.5)
-                except TimeoutError:
-                    self._check_unavailable()
+                    event = await self.next()
+                except StopAsyncIteration:
+                    return
+                yield event
         finally:
             await self.close()
 
