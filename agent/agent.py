@@ -79,7 +79,8 @@ class Agent:
         self.started = time.time()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._views: list[TreeCache] = []
+        self.views: list[TreeCache] = []
+        """Live views of shared configuration, from :meth:`config`."""
         self._own_watches: list[DataWatch] = []
         self._reregistering = False
         self._again = False
@@ -124,7 +125,7 @@ class Agent:
         self._stopping = True
         for watch in self._own_watches:
             await watch.close()
-        for view in self._views:
+        for view in self.views:
             await view.close()
         for task in list(self._tasks):
             task.cancel()
@@ -184,7 +185,7 @@ class Agent:
         """A live view of the subtree ``prefix``: a snapshot, then every change."""
         view = TreeCache(self.client, prefix)
         await view.start()
-        self._views.append(view)
+        self.views.append(view)
         return view
 
     # --- calls ------------------------------------------------------------

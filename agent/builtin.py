@@ -52,3 +52,8 @@ class SysActor(Actor):
     @operation
     def ping(self) -> str:
         return "pong"
+
+    @operation
+    def config(self) -> dict[str, dict[str, bytes]]:
+        """The shared configuration this agent follows, as it sees it now."""
+        return {view.prefix: view.relative() for view in self.agent.views}

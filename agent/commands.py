@@ -165,6 +165,10 @@ async def _run_agent(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await agent.start()
+    for prefix in args.follow:
+        view = await agent.config(prefix)
+        view.add_listener(lambda event, name=args.name: print(
+            f"config: {name} {event.type.value} {event.key}", flush=True))
     print(f"ready: {agent.jid} provides {' '.join(agent.resources)}", flush=True)
     try:
         await stop.wait()
@@ -184,6 +188,8 @@ def build_kvstore_parser() -> argparse.ArgumentParser:
     agent = commands.add_parser("agent", help="run an agent with the built-in /sys actor")
     agent.add_argument("--name", required=True)
     agent.add_argument("--provides", action="append", default=[], metavar="RES")
+    agent.add_argument("--follow", action="append", default=[], metavar="PREFIX",
+                       help="keep a live view of this subtree (shared configuration)")
     agent.add_argument("--config", help="client TOML config (default: $KV_CONFIG)")
     agent.add_argument("--log-level", default="info")
     agent.set_defaults(run=cmd_agent)

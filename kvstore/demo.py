@@ -1,7 +1,8 @@
 """``make demo``: a two-shard dev cluster and a short scripted session with ``kv``.
 
-Every step is a real ``kv`` command run against real processes; the demo
-prints each command line and its output as a user would see them.
+Every step is a real ``kv`` command run against real processes (a private
+Prosody, two storage nodes, ten ``kvstore agent`` processes); the demo prints
+each command line and its output as a user would see them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from kvstore.devcluster import DevCluster
 
 KV = str(Path(sys.executable).with_name("kv"))
+KVSTORE = str(Path(sys.executable).with_name("kvstore"))
 
 
 def run(env: dict[str, str], *args: str, stdin: bytes | None = None) -> str:
@@ -61,6 +63,48 @@ def session(cluster: DevCluster) -> None:
     run(env, "status")
 
 
+def agents(cluster: DevCluster) -> None:
+    env = {**os.environ, "KV_CONFIG": str(cluster.client_config)}
+    run(env, "put", "/config/agents/loglevel", "info")
+    print("# ten agents start, each registering the resources it provides")
+    fleet = []
+    for i in range(10):
+        rack = f"/cluster/ey04/rack/{i % 3}"
+        command = [KVSTORE, "agent", "--name", f"web{i}", "--provides", rack,
+                   "--provides", f"/slice/{10 + i}", "--follow", "/config/agents",
+                   "--log-level", "warning"]
+        fleet.append(subprocess.Popen(command, stdout=subprocess.PIPE, env=env,
+                                      start_new_session=True))
+    try:
+        for process in fleet:
+            assert process.stdout is not None
+            print(process.stdout.readline().decode().rstrip())
+        print()
+        print("# discovery is segment-wise and goes both ways")
+        run(env, "discover", "/cluster/ey04/rack/1")
+        run(env, "discover", "/cluster/ey04/rack/1/host/7")
+        run(env, "discover", "/cluster/ey04", "/slice/13")
+        run(env, "discover", "/cluster/ey040")
+        print("# scatter/gather: one request and one answer per agent")
+        run(env, "call", "ping", "/cluster/ey04/rack/2")
+        run(env, "call", "info", "/slice/12", "--json")
+        print("# a configuration change reaches every agent through its watch")
+        run(env, "put", "/config/agents/loglevel", "debug")
+        time.sleep(0.5)
+        run(env, "call", "config", "/cluster/ey04")
+        print("# an agent that dies leaves the registry at once")
+        fleet[0].kill()
+        fleet[0].wait()
+        time.sleep(1.5)
+        run(env, "discover", "/cluster/ey04/rack/0")
+    finally:
+        for process in fleet:
+            if process.poll() is None:
+                process.terminate()
+        for process in fleet:
+            process.wait(10)
+
+
 def main() -> int:
     folder = Path(".demo")
     if folder.exists():
@@ -73,6 +117,7 @@ def main() -> int:
             print(f"node: {node.name} pid={node.pid} shard={','.join(node.shards)}")
         print(f"ready: KV_CONFIG={cluster.client_config}\n")
         session(cluster)
+        agents(cluster)
     finally:
         cluster.stop()
         print("stopped the cluster")
