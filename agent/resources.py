@@ -47,11 +47,11 @@ def matches(provided: Iterable[str], query: Iterable[str]) -> bool:
 
 
 def encode_jid(jid: str) -> str:
-    return jid.replace("%", "%25").replace("/", "%2F")
+    return keys.escape_segment(jid)
 
 
 def decode_jid(segment: str) -> str:
-    return segment.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
+    return keys.unescape_segment(segment)
 
 
 class RegistryLayout:

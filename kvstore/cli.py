@@ -6,6 +6,7 @@
     kv rm KEY               delete (--prefix: the whole subtree)
     kv watch KEY            print changes as they come (--prefix, --since, --count, --json)
     kv status               the storage nodes: online or not, shards, revisions
+    kv acl show|grant|revoke|join|leave    access rules (admins only)
 
 The connection comes from --config or $KV_CONFIG. Exit codes: 0 success;
 1 not found or compare failed; 2 bad input; 3 store unreachable.
@@ -24,8 +25,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
+from kvstore import acl
 from kvstore.client import Client, NodeStatus
 from kvstore.config import ConfigError, load_connection
+from protocol import keys
 from protocol.errors import (
     BadRequest,
     Compacted,
@@ -201,6 +204,49 @@ async def cmd_watch(kv: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_acl(kv: Client, args: argparse.Namespace) -> int:
+    if args.acl == "show":
+        entries = (await kv.get_prefix(acl.ACL_ROOT)).items
+        policy = acl.Policy(acl.AclSettings(enabled=True))
+        policy.update(entries)
+        for rule in sorted(policy.rules, key=lambda r: (keys.tree_order(r.subtree), r.principal)):
+            allow = sorted(rule.allow)
+            if args.json:
+                _write_json({"subtree": rule.subtree, "principal": rule.principal,
+                             "allow": allow})
+            else:
+                _write_line(f"{rule.subtree}\t{rule.principal}\t{','.join(allow) or 'none'}")
+        for group, members in sorted(policy.members.items()):
+            for member in sorted(members):
+                if args.json:
+                    _write_json({"group": group, "member": member})
+                else:
+                    _write_line(f"group:{group}\t{member}")
+        return EXIT_OK
+    if args.acl == "grant":
+        try:
+            allow = [] if args.perms == "none" else sorted(
+                acl.parse_permissions(args.perms.split(",")))
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+        keys.validate(args.subtree, allow_root=True)
+        result = await kv.put(acl.rule_key(args.subtree, args.principal),
+                              json.dumps({"allow": allow}))
+        _write_line(str(result.rev))
+        return EXIT_OK
+    if args.acl == "revoke":
+        result = await kv.delete(acl.rule_key(args.subtree, args.principal))
+        _write_line(str(result.deleted))
+        return EXIT_OK
+    if args.acl == "join":
+        result = await kv.put(acl.group_key(args.group, args.jid), b"")
+        _write_line(str(result.rev))
+        return EXIT_OK
+    result = await kv.delete(acl.group_key(args.group, args.jid))
+    _write_line(str(result.deleted))
+    return EXIT_OK
+
+
 # --- parsing ---------------------------------------------------------------
 
 
@@ -271,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--prev-kv", action="store_true", help="include previous values (--json)")
     watch.add_argument("--json", action="store_true")
     watch.set_defaults(run=cmd_watch)
+
+    rules = commands.add_parser("acl", help="show and change access rules (admins)")
+    actions = rules.add_subparsers(dest="acl", required=True, parser_class=_Parser)
+    show = actions.add_parser("show", help="every rule and group membership")
+    show.add_argument("--json", action="store_true")
+    grant = actions.add_parser("grant", help="set what a principal may do on a subtree")
+    grant.add_argument("subtree")
+    grant.add_argument("principal", help="a bare JID or group:NAME")
+    grant.add_argument("perms", help="comma-separated read,write,watch, or none")
+    revoke = actions.add_parser("revoke", help="remove a principal's rule on a subtree")
+    revoke.add_argument("subtree")
+    revoke.add_argument("principal")
+    join = actions.add_parser("join", help="add a JID to a group")
+    join.add_argument("group")
+    join.add_argument("jid")
+    leave = actions.add_parser("leave", help="remove a JID from a group")
+    leave.add_argument("group")
+    leave.add_argument("jid")
+    rules.set_defaults(run=cmd_acl)
 
     status = commands.add_parser("status", help="the storage nodes and their shards")
     status.add_argument("--json", action="store_true")

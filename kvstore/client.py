@@ -100,12 +100,14 @@ class Client:
     """An asyncio client of the store. Use it as an async context manager."""
 
     def __init__(self, settings: ConnectionSettings, *, resource: str | None = None,
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, session: Session | None = None) -> None:
+        """A client with its own session, or riding on ``session`` (a storage node's)."""
         self.settings = settings
         self.timeout = settings.timeout
-        self.session = Session(settings, resource=resource, reconnect=reconnect,
-                               plugins=("xep_0199",))
-        self.directory = Directory(self.session, settings.nodes)
+        self.shared_session = session is not None
+        self.session = session or Session(settings, resource=resource, reconnect=reconnect,
+                                          plugins=("xep_0199",))
+        self.directory = Directory(self.session, settings.nodes, announce=session is None)
         self.watches = WatchRegistry(self)
 
     @classmethod
@@ -115,13 +117,15 @@ class Client:
 
     async def connect(self, timeout: float | None = None) -> Client:
         timeout = timeout or self.timeout
-        await self.session.start(timeout)
+        if not self.shared_session:
+            await self.session.start(timeout)
         await self.directory.ready(min(timeout, 3.0))
         return self
 
     async def close(self) -> None:
         await self.watches.close()
-        await self.session.close()
+        if not self.shared_session:
+            await self.session.close()
 
     async def __aenter__(self) -> Client:
         return await self.connect()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvstore.acl import AclSettings
 from protocol import keys
 from protocol.errors import BadRequest
 
@@ -185,6 +186,11 @@ class NodeConfig:
     """Seconds between pings of the holders of ephemeral keys (XEP-0199)."""
     ping_timeout: float = 5.0
     """A holder that answers no ping within this is taken for hung and loses its keys."""
+    acl: AclSettings = field(default_factory=AclSettings)
+    max_in_flight: int = 1000
+    """Writes one JID may have queued at once; more are refused with limit-reached."""
+    max_watches: int = 1000
+    """Watches one JID may hold on this node."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NodeConfig:
@@ -203,13 +209,20 @@ class NodeConfig:
             raise ConfigError(f"{path}: node.cluster_shards must include the node's own shards")
         if "data_dir" not in node:
             raise ConfigError(f"{path}: node.data_dir is missing")
-        limits_table = data.get("limits", {})
+        limits_table = dict(data.get("limits", {}))
         storage = data.get("storage", {})
         ephemeral = data.get("ephemeral", {})
+        per_jid = {name: limits_table.pop(name) for name in ("max_in_flight", "max_watches")
+                   if name in limits_table}
         try:
             limits = Limits(**limits_table)
         except TypeError as exc:
             raise ConfigError(f"{path}: [limits]: {exc}") from None
+        limits_table = per_jid
+        try:
+            acl = AclSettings.from_dict(data.get("acl"))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: [acl]: {exc}") from None
         return cls(
             connection=connection,
             name=str(node.get("name", connection.jid.split("@")[0])),
@@ -224,4 +237,7 @@ class NodeConfig:
             ephemeral_grace=float(ephemeral.get("grace", 1.0)),
             ping_interval=float(ephemeral.get("ping_interval", 4.0)),
             ping_timeout=float(ephemeral.get("ping_timeout", 5.0)),
+            acl=acl,
+            max_in_flight=int(limits_table.get("max_in_flight", 1000)),
+            max_watches=int(limits_table.get("max_watches", 1000)),
         )

@@ -71,6 +71,9 @@ class DevCluster:
     log_level: str = "info"
     allow_registration: bool = True
     """Let local agents create their own accounts (XEP-0077, loopback only)."""
+    acl: bool = True
+    """Enforce access control: ``client`` is the admin, every other local account
+    may read and watch everything and write its own registry entries."""
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
@@ -142,7 +145,13 @@ class DevCluster:
                 "shards": shards,
                 "cluster_shards": list(self.shards),
             },
+            "store": {
+                "nodes": [f"node{i}@{self.prosody.domain}" for i in range(1, len(self.shards) + 1)],
+            },
         }
+        if self.acl:
+            tables["acl"] = {"enabled": True, "admins": [f"client@{self.prosody.domain}"]}
+            tables["acl.groups"] = {"users": [f"*@{self.prosody.domain}"]}
         for table, values in self.node_settings.items():
             tables.setdefault(table, {}).update(values)
         write_toml(config, tables)

@@ -60,9 +60,13 @@ Listener = Callable[[NodeInfo], None]
 class Directory:
     """Storage nodes and the shards they serve, as presence reports them."""
 
-    def __init__(self, session: Session, nodes: list[str]) -> None:
+    def __init__(self, session: Session, nodes: list[str], *, announce: bool = True) -> None:
         self.session = session
-        self.nodes: dict[str, NodeInfo] = {JID(n).bare: NodeInfo(JID(n).bare) for n in nodes}
+        self.announce = announce
+        """Send our own initial presence; a storage node sends its own, with its shards."""
+        own = session.jid.bare
+        self.nodes: dict[str, NodeInfo] = {JID(n).bare: NodeInfo(JID(n).bare) for n in nodes
+                                           if JID(n).bare != own}
         self.known_shards: set[str] = set()
         """Shard prefixes heard of: from presence, and from nodes' not-owner answers."""
         self.listeners: list[Listener] = []
@@ -91,7 +95,14 @@ class Directory:
                 xmpp.send_presence(pto=bare, ptype="subscribe")
         # The initial presence makes the server probe every subscribed node
         # and tell us each one's presence, online or not.
-        xmpp.send_presence()
+        if self.announce:
+            xmpp.send_presence()
+
+    def add_local(self, jid: str, shards: dict[str, int], max_value: int) -> None:
+        """A storage node's own shards, served without asking presence."""
+        node = NodeInfo(JID(jid).bare, jid, dict(shards), max_value, reported=True)
+        self.nodes[node.bare] = node
+        self.known_shards.update(shards)
 
     def _on_subscribe(self, presence: Presence) -> None:
         # A node subscribes back to follow our presence (it ends our watches
@@ -142,6 +153,8 @@ class Directory:
 
     def _forget_presence(self) -> None:
         for node in self.nodes.values():
+            if node.bare == self.session.jid.bare:
+                continue
             node.reported = False
             node.pending = False
             if node.jid is not None:

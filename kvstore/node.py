@@ -27,18 +27,24 @@ from slixmpp.xmlstream import ET
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
 
+from kvstore import acl
+from kvstore.acl import Policy
+from kvstore.client import Client
 from kvstore.commit import Committer
 from kvstore.config import NodeConfig
+from kvstore.recipe import TreeCache
 from kvstore.storage import Change, CompactOp, DeleteEphemeralOp, DeleteOp, Engine, PutOp, Retention
-from kvstore.watch_hub import WatchHub
+from kvstore.watch_hub import WatchHub, WatchLimits
 from kvstore.xmpp import IQ_TAG, Session, answer, reply_error
 from protocol import keys
 from protocol import stanza as wire
 from protocol.errors import (
     BadRequest,
+    Forbidden,
     KeyNotFound,
     KvError,
     NotOwner,
+    ResourceLimit,
     Unavailable,
     ValueTooLarge,
 )
@@ -46,6 +52,8 @@ from protocol.errors import (
 log = logging.getLogger(__name__)
 
 _NS_PREFIX = f"{{{wire.NS}}}"
+_EVENTS_TAG = f"{{{wire.NS}}}events"
+MAX_QUEUED_WRITES = 50_000
 
 
 class _RequestMatcher(MatcherBase):
@@ -59,7 +67,8 @@ class _RequestMatcher(MatcherBase):
         if xml.tag != IQ_TAG or xml.get("type") not in ("get", "set"):
             return False
         for child in xml:
-            return child.tag.startswith(_NS_PREFIX)
+            # <events/> are pushes to the node's own watches (as a client).
+            return child.tag.startswith(_NS_PREFIX) and child.tag != _EVENTS_TAG
         return False
 
 
@@ -82,7 +91,15 @@ class StorageNode:
                                plugins=("xep_0030", "xep_0199"))
         self.xmpp = self.session.xmpp
         self.hub = WatchHub(self.engine, self.session,
-                            max_stanza_bytes=self.limits.max_stanza_bytes)
+                            max_stanza_bytes=self.limits.max_stanza_bytes,
+                            limits=WatchLimits(max_watches_per_watcher=config.max_watches))
+        self.policy = Policy(config.acl, peers=[*config.connection.nodes, self.jid.bare])
+        # The node is also a client of the cluster: it follows the ACL rules,
+        # wherever the shard holding them lives (possibly here).
+        self.store = Client(config.connection, session=self.session)
+        self.store.directory.add_local(str(self.jid), {s: 0 for s in self.own_shards},
+                                       self.limits.max_value_bytes)
+        self._in_flight: dict[str, int] = {}
         self.committer = Committer(self.engine, on_commit=self._on_commit)
         self.started = time.time()
         self.peers: set[str] = set()
@@ -105,6 +122,7 @@ class StorageNode:
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
         self.session.on_start.append(self._announce)
         self._tasks: list[asyncio.Task[None]] = []
+        self._acl_view: TreeCache | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -118,12 +136,16 @@ class StorageNode:
         await self.session.start()
         self._tasks.append(asyncio.ensure_future(self._compact_loop()))
         self._tasks.append(asyncio.ensure_future(self._ping_loop()))
+        self._tasks.append(asyncio.ensure_future(self._follow_acl()))
         self.hub.start()
         log.info("serving %s as %s", ", ".join(self.own_shards), self.jid)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self._acl_view is not None:
+            await self._acl_view.close()
+        await self.store.watches.close()
         self.hub.close()
         try:
             await self.committer.drain()
@@ -194,6 +216,11 @@ class StorageNode:
         name = payload.tag[len(_NS_PREFIX):]
         handler = self._handlers.get((iq.xml.get("type", ""), name))
         try:
+            sender = iq.xml.get("from", "")
+            if not self.policy.known(sender):
+                log.warning("refused <%s/> from %s: not a JID this node's policy knows",
+                            name, sender)
+                raise Forbidden(f"{acl.bare(sender)} is not allowed to use this store")
             if handler is None:
                 raise BadRequest(f"unknown kvstore request <{name}/> in an IQ {iq['type']}")
             handler(iq, payload)
@@ -202,6 +229,57 @@ class StorageNode:
         except Exception as exc:
             log.exception("request %s failed", name)
             reply_error(iq, KvError(f"internal error: {type(exc).__name__}")).send()
+
+    # --- access ---------------------------------------------------------
+
+    def _require(self, iq: Iq, perm: str, key: str, *, subtree: bool = False) -> None:
+        sender = iq.xml.get("from", "")
+        check = self.policy.allows_subtree if subtree else self.policy.allows
+        if not check(sender, perm, key):
+            log.info("refused %s on %s%s to %s", perm, key, " (subtree)" if subtree else "",
+                     sender)
+            raise Forbidden(f"{acl.bare(sender)} may not {perm} {key}"
+                            + (" and everything below it" if subtree else ""))
+
+    def _admit(self, iq: Iq) -> str:
+        """Count a queued write against its sender's limit."""
+        sender = iq.xml.get("from", "")
+        queued = self._in_flight.get(sender, 0)
+        if queued >= self.config.max_in_flight:
+            raise ResourceLimit(f"{sender} already has {queued} writes queued")
+        if self.committer.queued >= MAX_QUEUED_WRITES:
+            raise ResourceLimit("the node is saturated; try again shortly")
+        self._in_flight[sender] = queued + 1
+        return sender
+
+    def _release(self, sender: str) -> None:
+        queued = self._in_flight.get(sender, 1) - 1
+        if queued:
+            self._in_flight[sender] = queued
+        else:
+            self._in_flight.pop(sender, None)
+
+    async def _follow_acl(self) -> None:
+        """Keep the policy in step with the rules held in the store."""
+        if not self.policy.enabled:
+            log.warning("no [acl] in the config: every authenticated JID may read and write")
+            return
+        delay = 0.2
+        while True:
+            view = TreeCache(self.store, acl.ACL_ROOT)
+            view.add_listener(lambda _event, v=view: self.policy.update(v.data.values()))
+            try:
+                await view.start()
+            except KvError as error:
+                log.info("cannot read the access rules yet (%s); retrying", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.policy.update(view.data.values())
+            self._acl_view = view
+            log.info("following the access rules in %s (%d entries)", acl.ACL_ROOT,
+                     len(view.data))
+            return
 
     # --- shards ---------------------------------------------------------
 
@@ -247,6 +325,7 @@ class StorageNode:
         result = wire.Get()
         if not prefix:
             shard = self._owner(key, hint)
+            self._require(iq, acl.READ, key)
             record, rev = self.engine.get(shard, key)
             if record is None:
                 raise KeyNotFound(f"{key} not found", key=key)
@@ -262,8 +341,9 @@ class StorageNode:
                 shard, key, limit=self._page_limit(element), after=after,
                 max_bytes=self.limits.max_stanza_bytes, with_values=not keys_only,
             )
+            visible = self.policy.reader(iq.xml.get("from", ""))
             result.set_attrs(rev=rev, more=more)
-            result.add_items(records, with_value=not keys_only)
+            result.add_items([r for r in records if visible(r.key)], with_value=not keys_only)
         answer(iq, result.xml).send()
 
     def _on_list(self, iq: Iq, element: ET.Element) -> None:
@@ -274,9 +354,10 @@ class StorageNode:
             raise BadRequest(f"'after' must be a child name, not {after!r}")
         names, more, rev = self.engine.children(shard, key, limit=self._page_limit(element),
                                                 after=after)
+        visible = self.policy.reader(iq.xml.get("from", ""))
         result = wire.ListChildren()
         result.set_attrs(rev=rev, more=more)
-        result.add_children(names)
+        result.add_children(name for name in names if visible(keys.join(key, name)))
         answer(iq, result.xml).send()
 
     def _on_status(self, iq: Iq, element: ET.Element) -> None:
@@ -313,10 +394,14 @@ class StorageNode:
         if_version, if_mod_rev = self._compares(element)
         ephemeral = str(iq["from"]) if wire.parse_bool(element.get("ephemeral"),
                                                        "ephemeral") else None
+        self._require(iq, acl.WRITE, key)
+        sender = self._admit(iq)
         op = PutOp(shard, key, value, if_version, if_mod_rev, ephemeral)
-        self.committer.submit(op).add_done_callback(lambda done: self._put_done(iq, done))
+        self.committer.submit(op).add_done_callback(
+            lambda done: self._put_done(iq, sender, done))
 
-    def _put_done(self, iq: Iq, done: asyncio.Future[Any]) -> None:
+    def _put_done(self, iq: Iq, sender: str, done: asyncio.Future[Any]) -> None:
+        self._release(sender)
         outcome = self._outcome(iq, done)
         if outcome is None:
             return
@@ -336,10 +421,14 @@ class StorageNode:
         if_version, if_mod_rev = self._compares(element)
         if prefix and (if_version is not None or if_mod_rev is not None):
             raise BadRequest("a prefix delete takes no compare")
+        self._require(iq, acl.WRITE, key, subtree=prefix)
+        sender = self._admit(iq)
         op = DeleteOp(shard, key, prefix, if_version, if_mod_rev)
-        self.committer.submit(op).add_done_callback(lambda done: self._delete_done(iq, done))
+        self.committer.submit(op).add_done_callback(
+            lambda done: self._delete_done(iq, sender, done))
 
-    def _delete_done(self, iq: Iq, done: asyncio.Future[Any]) -> None:
+    def _delete_done(self, iq: Iq, sender: str, done: asyncio.Future[Any]) -> None:
+        self._release(sender)
         outcome = self._outcome(iq, done)
         if outcome is None:
             return
@@ -371,7 +460,9 @@ class StorageNode:
         watch_id = element.get("id")
         if not watch_id or len(watch_id) > 100:
             raise BadRequest("a watch needs an id of 1 to 100 characters")
+        self._require(iq, acl.WATCH, key)
         watch = self.hub.create(
+            visible=self.policy.reader(iq.xml.get("from", "")),
             watch_id=watch_id,
             watcher=str(iq["from"]),
             shard=shard,

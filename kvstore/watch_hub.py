@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,13 +69,15 @@ class Watch:
     in_flight: int = 0
     last_push: float = field(default_factory=time.monotonic)
     closed: bool = False
+    visible: Callable[[str], bool] = field(default=lambda _key: True)
+    """May the watcher read this key? Asked at delivery, so rule changes apply at once."""
 
     def matches(self, key: str) -> bool:
-        return keys.is_prefix(self.key, key) if self.prefix else key == self.key
+        if not (keys.is_prefix(self.key, key) if self.prefix else key == self.key):
+            return False
+        return self.visible(key)
 
     def select(self, events: list[Event]) -> list[Event]:
-        if self.prefix and self.key == keys.ROOT:
-            return events
         return [event for event in events if self.matches(event.key)]
 
 
@@ -124,7 +127,8 @@ class WatchHub:
     # --- registration ---------------------------------------------------
 
     def create(self, *, watch_id: str, watcher: str, shard: str, key: str, prefix: bool,
-               start_rev: int | None, prev_kv: bool = False, progress: bool = False) -> Watch:
+               start_rev: int | None, prev_kv: bool = False, progress: bool = False,
+               visible: Callable[[str], bool] | None = None) -> Watch:
         if (watcher, watch_id) in self._watches:
             raise VersionMismatch(f"watch id {watch_id!r} is already in use")
         if len(self._by_watcher.get(watcher, ())) >= self.limits.max_watches_per_watcher:
@@ -142,6 +146,8 @@ class WatchHub:
         else:
             next_rev, synced = start_rev, start_rev > current
         watch = Watch(watch_id, watcher, shard, key, prefix, prev_kv, progress, next_rev, synced)
+        if visible is not None:
+            watch.visible = visible
         self._watches[(watcher, watch_id)] = watch
         self._by_shard.setdefault(shard, set()).add(watch)
         self._by_watcher.setdefault(watcher, set()).add(watch)

@@ -148,3 +148,12 @@ def tree_order(key: str) -> bytes:
 
 def from_tree_order(encoded: bytes) -> str:
     return encoded.decode("utf-8").replace("\0", SEPARATOR) or ROOT
+
+
+def escape_segment(text: str) -> str:
+    """Make any string (a full JID, say) usable as one segment: ``%`` and ``/`` escaped."""
+    return text.replace("%", "%25").replace("/", "%2F")
+
+
+def unescape_segment(segment: str) -> str:
+    return segment.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
