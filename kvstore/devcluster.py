@@ -71,6 +71,8 @@ class DevCluster:
     log_level: str = "info"
     allow_registration: bool = True
     """Let local agents create their own accounts (XEP-0077, loopback only)."""
+    tls: bool = False
+    """Require TLS, with a self-signed certificate the cluster makes; clients verify it."""
     acl: bool = True
     """Enforce access control: ``client`` is the admin, every other local account
     may read and watch everything and write its own registry entries."""
@@ -82,7 +84,7 @@ class DevCluster:
         if len(set(self.shards)) != len(self.shards):
             raise ValueError("each shard prefix may appear once")
         self.prosody = Prosody(self.folder / "prosody", port=self.port,
-                               allow_registration=self.allow_registration)
+                               allow_registration=self.allow_registration, tls=self.tls)
         self.nodes: dict[str, NodeProcess] = {}
         self.client_config = self.folder / "client.toml"
         self._client_password = ""
@@ -102,7 +104,8 @@ class DevCluster:
             jid, password = self.add_account(user)
         return ConnectionSettings(
             jid=jid, password=password, host="127.0.0.1", port=self.prosody.port,
-            plaintext=True, timeout=timeout,
+            plaintext=not self.tls, timeout=timeout,
+            ca_file=str(self.prosody.certificate) if self.tls else None,
             nodes=nodes if nodes is not None else [n.jid.split("/")[0]
                                                    for n in self.nodes.values()],
         )
@@ -137,7 +140,8 @@ class DevCluster:
                 "server": self.prosody.address,
                 "jid": f"{jid}/kvstore",
                 "password": password,
-                "plaintext": True,
+                "plaintext": not self.tls,
+                **({"ca_file": str(self.prosody.certificate)} if self.tls else {}),
             },
             "node": {
                 "name": name,

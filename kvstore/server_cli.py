@@ -69,7 +69,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from kvstore.devcluster import DevCluster
 
     cluster = DevCluster(Path(args.dir), shards=args.shard or ["/"], port=args.port,
-                         log_level=args.log_level)
+                         log_level=args.log_level, tls=args.tls)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--shard", action="append", metavar="PREFIX",
                      help="one storage node per shard prefix (default: one node owning /)")
     dev.add_argument("--port", type=int, help="the XMPP server's port (default: a free one)")
+    dev.add_argument("--tls", action="store_true",
+                     help="require TLS with a self-signed certificate that clients verify")
     dev.add_argument("--log-level", default="info")
     dev.set_defaults(run=cmd_dev)
     return parser

@@ -41,6 +41,8 @@ ERROR_TAG = f"{{{CLIENT_NS}}}error"
 
 Hook = Callable[[], Awaitable[None] | None]
 
+SCRAM_MECHANISMS = {"SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-512"}
+
 
 class AuthenticationFailed(Unavailable):
     """The XMPP server refused the configured JID and password."""
@@ -82,7 +84,11 @@ class Session:
         self.xmpp = ClientXMPP(
             jid,
             settings.password,
-            plugin_config={"feature_mechanisms": {"unencrypted_scram": settings.plaintext}},
+            plugin_config={"feature_mechanisms": {
+                # SCRAM only: the password never crosses the wire, even in TLS.
+                "use_mechs": SCRAM_MECHANISMS,
+                "unencrypted_scram": settings.plaintext,
+            }},
         )
         self._configure_transport()
         for plugin in plugins:
@@ -99,6 +105,7 @@ class Session:
         self.xmpp.add_event_handler("session_start", self._on_session_start)
         self.xmpp.add_event_handler("connection_failed", self._on_connection_failed)
         self.xmpp.add_event_handler("failed_all_auth", self._on_auth_failed)
+        self.xmpp.add_event_handler("ssl_invalid_chain", self._on_bad_certificate)
         self.xmpp.add_event_handler("disconnected", self._on_disconnected)
 
         self.online = asyncio.Event()
@@ -185,6 +192,11 @@ class Session:
         self.xmpp.cancel_connection_attempt()
         self._settle(Unavailable(f"cannot reach the XMPP server at {self.address}: {error}"))
 
+    def _on_bad_certificate(self, error: Any) -> None:
+        self._settle(Unavailable(
+            f"the TLS certificate of {self.address} failed verification: {error}"))
+        self.xmpp.abort()
+
     def _on_auth_failed(self, _event: Any) -> None:
         self._settle(AuthenticationFailed(
             f"the XMPP server at {self.address} refused the login of {self.settings.jid}"
@@ -193,7 +205,11 @@ class Session:
     def _on_disconnected(self, reason: Any) -> None:
         was_online = self.online.is_set()
         self.online.clear()
-        self._settle(Unavailable(f"the XMPP server at {self.address} closed the connection"))
+        if self._attempt is not None:
+            # A failed TLS handshake closes the connection a moment before it
+            # raises; give that more telling error the chance to come first.
+            asyncio.get_running_loop().call_later(0.1, self._settle, Unavailable(
+                f"the XMPP server at {self.address} closed the connection"))
         self._fail_pending(Unavailable(f"lost the connection to {self.address}"))
         if was_online:
             for hook in list(self.on_stop):

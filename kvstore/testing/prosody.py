@@ -56,12 +56,14 @@ class Prosody:
 
     def __init__(self, folder: str | os.PathLike[str], *, port: int | None = None,
                  domain: str = DOMAIN, log_level: str = "warn",
-                 allow_registration: bool = False) -> None:
+                 allow_registration: bool = False, tls: bool = False) -> None:
         self.folder = Path(folder).resolve()
         self.port = port or free_port()
         self.domain = domain
         self.log_level = log_level
         self.allow_registration = allow_registration
+        self.tls = tls
+        self.certificate = self.folder / "certs" / f"{domain}.crt"
         self.process: subprocess.Popen[bytes] | None = None
         self.config_path = self.folder / "prosody.cfg.lua"
         self.data_path = self.folder / "data"
@@ -89,8 +91,11 @@ http_ports = {{ }}
 https_ports = {{ }}
 authentication = "internal_hashed"
 storage = "internal"
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
+-- SCRAM only: PLAIN would show the password to the server (and, without TLS,
+-- to the wire).
+disable_sasl_mechanisms = {{ "PLAIN", "DIGEST-MD5", "ANONYMOUS" }}
+c2s_require_encryption = {"true" if self.tls else "false"}
+allow_unencrypted_plain_auth = false
 -- In-band registration (XEP-0077), from loopback only, when the cluster
 -- lets agents create their own accounts.
 allow_registration = {"true" if self.allow_registration else "false"}
@@ -99,16 +104,44 @@ allowlist_registration_only = true
 -- Without this a second small stanza on a socket waits for the peer's
 -- delayed ACK (about 40 ms) whenever one is already in flight.
 network_settings = {{ nagle = false }}
-modules_enabled = {{ "roster", "saslauth", "disco", "ping", "presence", "register" }}
+modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "presence", "register" }}
 modules_disabled = {{ "s2s", "offline" }}
 log = {{
     {{ levels = {{ min = {_lua_string(self.log_level)} }}, to = "file",
        filename = {_lua_string(folder + "/prosody.log")} }},
 }}
 VirtualHost {_lua_string(self.domain)}
+{self._ssl_line()}
 """)
 
+    def _ssl_line(self) -> str:
+        if not self.tls:
+            return ""
+        key = self.certificate.with_suffix(".key")
+        return (f"    ssl = {{ certificate = {_lua_string(str(self.certificate))}, "
+                f"key = {_lua_string(str(key))} }}")
+
+    def make_certificate(self) -> Path:
+        """A self-signed certificate for the domain (made once, reused after)."""
+        key = self.certificate.with_suffix(".key")
+        if self.certificate.exists() and key.exists():
+            return self.certificate
+        self.certificate.parent.mkdir(parents=True, exist_ok=True)
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise Unavailable("openssl is needed to make a TLS certificate")
+        subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+             "-keyout", str(key), "-out", str(self.certificate),
+             "-subj", f"/CN={self.domain}", "-addext", f"subjectAltName=DNS:{self.domain}"],
+            check=True, capture_output=True, timeout=60,
+        )
+        key.chmod(0o600)
+        return self.certificate
+
     def start(self, timeout: float = 10.0) -> None:
+        if self.tls:
+            self.make_certificate()
         self.write_config()
         self.process = subprocess.Popen(
             [prosody_binary(), "--config", str(self.config_path), "-F"],
