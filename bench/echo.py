@@ -1,0 +1,331 @@
+"""The ceiling: a raw IQ echo between two plain slixmpp clients.
+
+The responder answers every IQ get carrying ``<echo xmlns='urn:x-kvstore:bench-echo'/>``
+with an empty result. It runs in a process of its own (``python -m bench.echo``),
+as a storage node does, so the echo and the store cross the same boundaries:
+bench process -> Prosody -> serving process and back.
+
+The requester sends with one handler and a table of futures keyed by stanza
+id -- the technique :class:`kvstore.xmpp.Session` uses -- and never with
+slixmpp's ``await iq.send()``, which registers a handler per pending IQ.
+
+Both log in with the plaintext settings the store's sessions use on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from slixmpp import ClientXMPP, Iq
+from slixmpp.xmlstream import ET
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher.base import MatcherBase
+
+from kvstore.config import ConnectionSettings
+
+NS = "urn:x-kvstore:bench-echo"
+ECHO_TAG = f"{{{NS}}}echo"
+IQ_TAG = "{jabber:client}iq"
+RESPONDER_RESOURCE = "echo"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class EchoError(Exception):
+    """The echo could not log in, or a request failed or timed out."""
+
+
+def plain_client(settings: ConnectionSettings, resource: str) -> ClientXMPP:
+    """A bare slixmpp client with the plaintext loopback settings of kvstore.xmpp.Session."""
+    xmpp = ClientXMPP(
+        f"{settings.jid}/{resource}",
+        settings.password,
+        plugin_config={"feature_mechanisms": {"unencrypted_scram": True}},
+    )
+    xmpp.enable_plaintext = True
+    xmpp.enable_starttls = False
+    xmpp.enable_direct_tls = False
+    return xmpp
+
+
+async def login(xmpp: ClientXMPP, host: str, port: int, timeout: float = 10.0) -> None:
+    """Connect and wait for ``session_start``; raise EchoError if that fails in time."""
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: str | None) -> None:
+        if not started.done():
+            if error is None:
+                started.set_result(None)
+            else:
+                started.set_exception(EchoError(error))
+
+    xmpp.add_event_handler("session_start", lambda _: settle(None))
+    xmpp.add_event_handler("failed_all_auth",
+                           lambda _: settle(f"login refused for {xmpp.boundjid}"))
+    xmpp.add_event_handler("connection_failed",
+                           lambda error: settle(f"cannot reach {host}:{port}: {error}"))
+    xmpp.connect(host, port)
+    try:
+        await asyncio.wait_for(started, timeout)
+    except TimeoutError:
+        xmpp.cancel_connection_attempt()
+        xmpp.abort()
+        raise EchoError(f"no XMPP session with {host}:{port} within {timeout:g}s") from None
+
+
+async def logout(xmpp: ClientXMPP) -> None:
+    if xmpp.transport is None:
+        return
+    try:
+        await asyncio.wait_for(xmpp.disconnect(wait=1.0), 2.0)
+    except Exception:
+        xmpp.abort()
+
+
+# --- the responder ------------------------------------------------------------
+
+
+class _EchoRequestMatcher(MatcherBase):
+    """IQ gets whose payload is an ``<echo/>``."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def match(self, stanza: Any) -> bool:
+        xml = stanza.xml
+        if xml.tag != IQ_TAG or xml.get("type") != "get":
+            return False
+        for child in xml:
+            return child.tag == ECHO_TAG
+        return False
+
+
+class EchoResponder:
+    """Answers every echo IQ get with an empty result."""
+
+    def __init__(self, settings: ConnectionSettings, resource: str = RESPONDER_RESOURCE) -> None:
+        self.settings = settings
+        self.xmpp = plain_client(settings, resource)
+        self.xmpp.register_handler(Callback("bench echo", _EchoRequestMatcher(), self._on_echo))
+        self.answered = 0
+
+    @property
+    def jid(self) -> str:
+        return str(self.xmpp.boundjid)
+
+    async def start(self) -> None:
+        await login(self.xmpp, self.settings.host, self.settings.port)
+
+    async def stop(self) -> None:
+        await logout(self.xmpp)
+
+    def _on_echo(self, iq: Iq) -> None:
+        # As kvstore.xmpp.answer does: a fresh stanza, not iq.reply() (a deep copy).
+        reply = Iq(self.xmpp)
+        xml = reply.xml
+        xml.set("type", "result")
+        xml.set("id", iq.xml.get("id", ""))
+        sender = iq.xml.get("from")
+        if sender:
+            xml.set("to", sender)
+        self.xmpp.send(reply)
+        self.answered += 1
+
+
+# --- the requester ------------------------------------------------------------
+
+
+class _AnswerMatcher(MatcherBase):
+    """IQ results and errors whose id is pending: one dict lookup per stanza."""
+
+    def __init__(self, pending: dict[str, asyncio.Future[None]]) -> None:
+        super().__init__(None)
+        self.pending = pending
+
+    def match(self, stanza: Any) -> bool:
+        xml = stanza.xml
+        return (xml.tag == IQ_TAG and xml.get("type") in ("result", "error")
+                and xml.get("id") in self.pending)
+
+
+class EchoRequester:
+    """Sends echo IQs to ``target``; one handler and a table of futures keyed by id."""
+
+    def __init__(self, settings: ConnectionSettings, target: str, *, resource: str = "bench",
+                 timeout: float = 5.0) -> None:
+        self.settings = settings
+        self.target = target
+        self.timeout = timeout
+        self.xmpp = plain_client(settings, resource)
+        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(3)
+        self.xmpp.register_handler(Callback("bench echo answers",
+                                            _AnswerMatcher(self._pending), self._on_answer))
+
+    async def start(self) -> None:
+        await login(self.xmpp, self.settings.host, self.settings.port)
+
+    async def stop(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.cancel()
+        self._pending.clear()
+        await logout(self.xmpp)
+
+    def request(self) -> asyncio.Future[None]:
+        """Send one echo IQ now; the future resolves with its answer (or fails)."""
+        iq_id = f"{self._prefix}-{next(self._ids)}"
+        iq = self.xmpp.Iq()
+        iq["to"] = self.target
+        iq["type"] = "get"
+        iq.xml.set("id", iq_id)
+        iq.xml.append(ET.Element(ECHO_TAG, {"seq": iq_id}))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending[iq_id] = future
+        timer = loop.call_later(self.timeout, _expire, future, self.timeout)
+
+        def settled(_: asyncio.Future[None]) -> None:
+            timer.cancel()
+            self._pending.pop(iq_id, None)
+
+        future.add_done_callback(settled)
+        self.xmpp.send(iq)
+        return future
+
+    def _on_answer(self, stanza: Iq) -> None:
+        xml = stanza.xml
+        future = self._pending.pop(xml.get("id", ""), None)
+        if future is None or future.done():
+            return
+        if xml.get("type") == "result":
+            future.set_result(None)
+        else:
+            future.set_exception(EchoError(f"echo answered with an error: {xml.get('id')}"))
+
+
+def _expire(future: asyncio.Future[None], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(EchoError(f"no echo answer within {timeout:g}s"))
+
+
+# --- the responder's process --------------------------------------------------
+
+
+class ResponderProcess:
+    """Runs an :class:`EchoResponder` in a child process (``python -m bench.echo``).
+
+    The child reads its settings from its stdin and exits when stdin closes,
+    so it also goes away if this process dies without cleaning up.
+    """
+
+    def __init__(self, settings: ConnectionSettings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.jid = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self, timeout: float = 20.0) -> str:
+        """Start the child and return the full JID it answers at."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.echo"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                cwd=PROJECT_ROOT, env=env, start_new_session=True,
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        config = {"jid": self.settings.jid, "password": self.settings.password,
+                  "host": self.settings.host, "port": self.settings.port}
+        self.process.stdin.write(json.dumps(config).encode() + b"\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.1)
+            if ready:
+                line = self.process.stdout.readline()
+                if line.startswith(b"ready: "):
+                    self.jid = line[len(b"ready: "):].decode().strip()
+                    return self.jid
+                if not line and self.process.poll() is not None:
+                    break
+        self.stop()
+        raise EchoError(f"the echo responder did not start (last output {line!r}); "
+                        f"see {self.log_path}")
+
+    def stop(self, timeout: float = 3.0) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()  # closing stdin asks the child to log out and exit
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _serve(config: dict[str, Any]) -> None:
+    settings = ConnectionSettings(jid=config["jid"], password=config["password"],
+                                  host=config["host"], port=int(config["port"]), plaintext=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def wait_for_eof() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=wait_for_eof, name="stdin-eof", daemon=True).start()
+    responder = EchoResponder(settings)
+    await responder.start()
+    print(f"ready: {responder.jid}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await responder.stop()
+
+
+def main() -> int:
+    """Entry point of the responder's process: settings as one JSON line on stdin."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 2
+    asyncio.run(_serve(json.loads(line)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
