@@ -152,7 +152,9 @@ async def cmd_ls(kv: Client, args: argparse.Namespace) -> int:
 async def cmd_rm(kv: Client, args: argparse.Namespace) -> int:
     result = await kv.delete(args.key, prefix=args.prefix, if_version=args.if_version)
     _write_line(str(result.deleted))
-    return EXIT_OK if result.deleted else EXIT_NOT_FOUND
+    if not result.deleted:
+        raise KeyNotFound(f"nothing under {args.key}")
+    return EXIT_OK
 
 
 def _status_json(node: NodeStatus) -> dict[str, Any]:

@@ -353,7 +353,8 @@ class StorageNode:
         if after is not None and (not after or "/" in after):
             raise BadRequest(f"'after' must be a child name, not {after!r}")
         names, more, rev = self.engine.children(shard, key, limit=self._page_limit(element),
-                                                after=after)
+                                                after=after,
+                                                max_bytes=self.limits.max_stanza_bytes)
         visible = self.policy.reader(iq.xml.get("from", ""))
         result = wire.ListChildren()
         result.set_attrs(rev=rev, more=more)

@@ -177,6 +177,12 @@ def _item_size(raw_key: bytes, value_bytes: int) -> int:
             + 100)
 
 
+def _name_size(name: bytes) -> int:
+    """Bytes a child name takes in a list answer: ``<child name='...'/>``, XML-escaped."""
+    escapes = 4 * name.count(b"&") + 3 * (name.count(b"<") + name.count(b">"))
+    return len(name) + escapes + 5 * (name.count(b'"') + name.count(b"'")) + 24
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -324,11 +330,13 @@ class Engine:
                 found.append(record)
         return found, more, rev
 
-    def children(self, shard: str, key: str, *, limit: int,
-                 after: str | None = None) -> tuple[list[str], bool, int]:
+    def children(self, shard: str, key: str, *, limit: int, after: str | None = None,
+                 max_bytes: int | None = None) -> tuple[list[str], bool, int]:
         """Names of the direct children of ``key`` held by this shard, sorted.
 
-        A child counts if it holds a value or has anything below it.
+        A child counts if it holds a value or has anything below it. ``limit``
+        (a count) and ``max_bytes`` (the answer's size) cut the list short:
+        ``more`` is then True.
         """
         db = self._kv_db(shard)
         if not (keys.is_prefix(shard, key) or keys.is_prefix(key, shard)):
@@ -336,6 +344,7 @@ class Engine:
         below = keys.tree_order(key) + b"\0"
         names: list[str] = []
         more = False
+        budget = max_bytes
         with self.env.begin() as txn:
             rev = self.revision(shard, txn)
             cursor = txn.cursor(db=db)
@@ -349,6 +358,11 @@ class Engine:
                 if len(names) >= limit:
                     more = True
                     break
+                if budget is not None:
+                    budget -= _name_size(name)
+                    if budget < 0 and names:
+                        more = True
+                        break
                 names.append(name.decode("utf-8"))
                 # The child's own subtree follows it; skip it in one seek.
                 found = cursor.next()

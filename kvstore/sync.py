@@ -29,6 +29,15 @@ T = TypeVar("T")
 _END = object()
 
 
+async def _cancel_the_rest() -> None:
+    """Cancel whatever still runs on the loop (as asyncio.run does before closing)."""
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
 class SyncClient:
     """``with SyncClient.from_config() as kv: kv.put('/a', b'1')``."""
 
@@ -124,6 +133,10 @@ class SyncClient:
                 self._run(client.close())
             except Exception:
                 pass
+        try:
+            self._run(_cancel_the_rest())
+        except Exception:
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()

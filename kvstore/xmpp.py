@@ -258,6 +258,11 @@ class Session:
                 self.xmpp.abort()
         self.xmpp.cancel_connection_attempt()
         self.online.clear()
+        # slixmpp leaves its send loop running after a disconnect; end it so
+        # that closing the event loop finds nothing pending.
+        sender = getattr(self.xmpp, "_run_out_filters", None)
+        if sender is not None and not sender.done():
+            sender.cancel()
 
     # --- requests -------------------------------------------------------
 
