@@ -22,9 +22,10 @@ import errno
 import hashlib
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgpack
@@ -135,6 +136,12 @@ def _unpack_record(key: str, raw: bytes) -> KeyValue:
 
 
 def _pack_log(events: list[Event]) -> bytes:
+    """One revision's log entry.
+
+    A previous value is logged by reference (the revision that wrote it), not
+    copied: a delete then costs a few bytes of log instead of the whole value,
+    and a put writes its value twice (record and log), not three times.
+    """
     entries = []
     for event in events:
         kv, prev = event.kv, event.prev
@@ -144,22 +151,31 @@ def _pack_log(events: list[Event]) -> bytes:
             kv.value,
             kv.create_rev,
             kv.version,
-            (prev.value, prev.create_rev, prev.mod_rev, prev.version, prev.ephemeral)
-            if prev else None,
             kv.ephemeral,
+            (prev.mod_rev, prev.create_rev, prev.version, prev.ephemeral) if prev else None,
         ))
     return msgpack.packb((time.time(), entries))
 
 
-def _unpack_log(shard: str, rev: int, raw: bytes) -> tuple[float, list[Event]]:
+Resolver = Callable[[int, str], bytes | None]
+"""(revision, key) -> the value that revision wrote to the key, if the log still has it."""
+
+
+def _unpack_log(shard: str, rev: int, raw: bytes,
+                resolve: Resolver | None = None) -> tuple[float, list[Event]]:
+    """A revision's events; previous values are looked up through ``resolve``.
+
+    Without a resolver, or when compaction already discarded the revision
+    that wrote it, an event carries no previous record.
+    """
     stamp, entries = msgpack.unpackb(raw)
     events = []
-    for entry in entries:
-        # Entries written before the owner was logged have six fields, prevs four.
-        kind, key, value, create_rev, version, prev = entry[:6]
-        ephemeral = entry[6] if len(entry) > 6 else None
-        prev_kv = KeyValue(key, prev[0], prev[3], prev[1], prev[2],
-                           prev[4] if len(prev) > 4 else None) if prev else None
+    for kind, key, value, create_rev, version, ephemeral, prev in entries:
+        prev_kv = None
+        if prev is not None and resolve is not None:
+            prev_value = resolve(prev[0], key)
+            if prev_value is not None:
+                prev_kv = KeyValue(key, prev_value, prev[2], prev[1], prev[0], prev[3])
         events.append(Event(
             EventType.PUT if kind == _PUT else EventType.DELETE,
             KeyValue(key, value, version, create_rev, rev, ephemeral),
@@ -371,7 +387,8 @@ class Engine:
         return names, more, rev
 
     def events(self, shard: str, start_rev: int, *, limit: int = 1000,
-               max_bytes: int | None = None) -> tuple[list[Change], int]:
+               max_bytes: int | None = None,
+               with_prev: bool = True) -> tuple[list[Change], int]:
         """Logged changes from ``start_rev`` on, oldest first, and the current revision.
 
         Raises :class:`Compacted` if compaction already discarded ``start_rev``.
@@ -388,19 +405,33 @@ class Engine:
                 raise Compacted(
                     f"shard {shard} no longer holds revision {start_rev}; the oldest held is "
                     f"{compacted + 1}", **{"compact-rev": compacted})
+            resolve = self._resolver(txn, db) if with_prev else None
             cursor = txn.cursor(db=db)
             found = cursor.set_range(_REV.pack(max(start_rev, 1)))
             while found and len(changes) < limit:
                 at = _REV.unpack(cursor.key())[0]
                 raw = cursor.value()
+                _, events = _unpack_log(shard, at, raw, resolve)
                 if budget is not None:
-                    budget -= len(raw)
+                    budget -= len(raw) + sum(len(e.prev.value) for e in events if e.prev)
                     if budget < 0 and changes:
                         break
-                _, events = _unpack_log(shard, at, raw)
                 changes.append(Change(shard, at, events))
                 found = cursor.next()
         return changes, rev
+
+    @staticmethod
+    def _resolver(txn: lmdb.Transaction, db: Any) -> Resolver:
+        def resolve(at: int, key: str) -> bytes | None:
+            raw = txn.get(_REV.pack(at), db=db)
+            if raw is None:
+                return None
+            for entry in msgpack.unpackb(raw)[1]:
+                if entry[1] == key:
+                    return entry[2]
+            return None
+
+        return resolve
 
     def stats(self, shard: str) -> dict[str, int]:
         db = self._kv_db(shard)
@@ -432,6 +463,18 @@ class Engine:
         reports its error; the others still apply. If the commit itself fails
         (map or disk full) nothing applies and :class:`StorageFull` is raised.
         """
+        try:
+            return self._apply(ops)
+        except StorageFull as full:
+            if not any(isinstance(op, PutOp) for op in ops):
+                raise
+            # Refuse what takes room, but still run what makes room (deletes,
+            # compaction): a full store must stay able to shrink.
+            others = iter(self._apply([op for op in ops if not isinstance(op, PutOp)]))
+            return [Outcome(error=StorageFull(str(full))) if isinstance(op, PutOp)
+                    else next(others) for op in ops]
+
+    def _apply(self, ops: Sequence[WriteOp]) -> list[Outcome]:
         try:
             with self.env.begin(write=True) as txn:
                 batch = _Batch(self, txn)

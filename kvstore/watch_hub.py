@@ -218,6 +218,7 @@ class WatchHub:
         try:
             changes, current = self.engine.events(
                 watch.shard, watch.next_rev, limit=self.limits.catch_up_revisions,
+                with_prev=watch.prev_kv,
                 max_bytes=self.max_stanza_bytes * self.limits.window,
             )
         except Compacted:
