@@ -119,7 +119,7 @@ class Client:
         timeout = timeout or self.timeout
         if not self.shared_session:
             await self.session.start(timeout)
-        await self.directory.ready(min(timeout, 3.0))
+        await self.directory.ready(timeout)
         return self
 
     async def close(self) -> None:
@@ -148,6 +148,8 @@ class Client:
     async def _routed(self, key: str, make: Callable[[str], wire.KvElement], type_: str,
                       timeout: float | None) -> tuple[Iq, str]:
         """Send a single-key request to the key's owner, following one not-owner hint."""
+        if not self.directory.complete:
+            await self.directory.ready(timeout or self.timeout)
         shard, node = self.directory.route(key)
         try:
             return await self._call(node, type_, make(shard), timeout), shard
@@ -161,6 +163,8 @@ class Client:
     async def _gather(self, key: str, fetch: Callable[[str, NodeInfo], Awaitable[T]]
                       ) -> list[tuple[str, T]]:
         """Run ``fetch`` on every shard of ``key``'s subtree, concurrently."""
+        if not self.directory.complete:
+            await self.directory.ready(self.timeout)
         routes = self.directory.route_subtree(key)
         try:
             answers = await asyncio.gather(*(fetch(shard, node) for shard, node in routes))
@@ -265,6 +269,8 @@ class Client:
         """
         keys.validate(key, CLIENT_KEY_LIMITS)
         data = _to_bytes(value)
+        if not self.directory.complete:
+            await self.directory.ready(timeout or self.timeout)
         shard, node = self.directory.route(key)
         if len(data) > node.max_value:
             raise ValueTooLarge(

@@ -70,6 +70,8 @@ class Directory:
         self.known_shards: set[str] = set()
         """Shard prefixes heard of: from presence, and from nodes' not-owner answers."""
         self.listeners: list[Listener] = []
+        self.first_contact_wait = session.settings.timeout
+        self._followed_at: float | None = None
         self._changed = asyncio.Event()
         xmpp = session.xmpp
         xmpp.add_event_handler("presence_available", self._on_available)
@@ -82,6 +84,7 @@ class Directory:
     # --- presence ---------------------------------------------------------
 
     async def _follow_nodes(self) -> None:
+        self._followed_at = asyncio.get_running_loop().time()
         xmpp = self.session.xmpp
         try:
             await xmpp.get_roster(timeout=self.session.settings.timeout)
@@ -170,18 +173,40 @@ class Directory:
             except Exception:
                 log.exception("directory listener failed")
 
+    @property
+    def complete(self) -> bool:
+        """Has the server told us about every configured node?
+
+        A node whose approval of our first subscription is still awaited
+        counts once we have waited ``first_contact_wait`` for it: it is
+        probably offline, and waiting longer on every request helps nobody.
+        """
+        if all(node.reported for node in self.nodes.values()):
+            return True
+        if self._followed_at is None:
+            return False
+        waited = asyncio.get_running_loop().time() - self._followed_at
+        return waited >= self.first_contact_wait and all(
+            node.reported or node.pending for node in self.nodes.values())
+
     async def ready(self, timeout: float) -> None:
-        """Wait until every configured node has been reported (up to ``timeout``)."""
+        """Wait until every configured node has been reported (up to ``timeout``).
+
+        With an established subscription the server reports each node at
+        login, online or not. On a client's very first contact the node must
+        approve the subscription first, which takes a moment longer.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not all(node.reported for node in self.nodes.values()):
+        while not self.complete:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                # Wake up now and then: `complete` also changes with time alone.
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
             except TimeoutError:
-                return
+                pass
 
     # --- routing --------------------------------------------------------
 
