@@ -8,12 +8,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: prosody venv
 
+# openssl makes the dev cluster's TLS certificate.
 prosody:
-	@command -v prosody >/dev/null 2>&1 || { \
-		echo "installing Debian's prosody"; \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prosody \
+	@{ command -v prosody && command -v openssl; } >/dev/null 2>&1 || { \
+		echo "installing Debian's prosody and openssl"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			prosody openssl \
 		|| { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends prosody; }; }
+			apt-get install -y --no-install-recommends prosody openssl; }; }
 	@# Debian's package may start a system-wide Prosody; the project never uses it.
 
 venv: $(VENV)/.installed
