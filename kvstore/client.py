@@ -13,22 +13,25 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from slixmpp import Iq
 
 from kvstore.config import ConnectionSettings, load_connection
-from kvstore.directory import Directory, NodeInfo
+from kvstore.directory import HARD_VALUE_LIMIT, Directory, NodeInfo
 from kvstore.watch_stream import WatchRegistry, WatchStream
 from kvstore.xmpp import Session
 from protocol import keys
 from protocol import stanza as wire
 from protocol.errors import NotOwner, Unavailable, ValueTooLarge
-from protocol.model import KeyValue
+from protocol.model import Compare, KeyValue, Put, TxnOp
 
 T = TypeVar("T")
+
+TXN_BUDGET = 150_000
+"""Bytes of values and keys put_many sends in one transaction (stanzas stay small)."""
 
 # Syntax checks only; each node enforces its own configured limits.
 CLIENT_KEY_LIMITS = keys.KeyLimits(max_bytes=511, max_depth=255)
@@ -71,6 +74,17 @@ class ListResult:
     names: list[str]
     more: bool
     revisions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    """Did every compare hold (so the success steps ran)?"""
+    rev: int
+    """The shard revision of the transaction's writes (or read at, if it wrote nothing)."""
+    results: list[Any]
+    """One per step run: a PutResult, a count of deleted keys, or a list of KeyValues."""
+    shard: str
 
 
 @dataclass(frozen=True)
@@ -324,6 +338,75 @@ class Client:
         answers = await self._gather(key, fetch)
         return DeleteResult(sum(deleted for _, (deleted, _) in answers),
                             {shard: rev for shard, (deleted, rev) in answers if deleted})
+
+    async def txn(self, compares: Sequence[Compare] = (), success: Sequence[TxnOp] = (),
+                  failure: Sequence[TxnOp] = (), *, timeout: float | None = None) -> TxnResult:
+        """An atomic transaction within one shard, as etcd's Txn.
+
+        If every compare holds, the ``success`` steps run, else the ``failure``
+        steps; all their writes share one revision and reach watchers together.
+        Every key must belong to the same shard.
+        """
+        keys_used = [c.key for c in compares] + [s.key for s in [*success, *failure]]
+        if not keys_used:
+            raise ValueError("an empty transaction")
+        for key in keys_used:
+            keys.validate(key, CLIENT_KEY_LIMITS, allow_root=True)
+        for step in [*success, *failure]:
+            if isinstance(step, Put) and len(step.value) > HARD_VALUE_LIMIT:
+                raise ValueTooLarge(f"the value of {step.key} is {len(step.value)} bytes",
+                                    limit=HARD_VALUE_LIMIT)
+
+        def make(shard: str) -> wire.Txn:
+            request = wire.Txn()
+            request.set_attrs(shard=shard)
+            request.set_request(compares, success, failure)
+            return request
+
+        result, shard = await self._routed(keys_used[0], make, "set", timeout)
+        answer = result["kv_txn"]
+        rev = answer.int_attr("rev", 0) or 0
+        parsed = []
+        for item in answer.results():
+            if isinstance(item, dict):
+                parsed.append(PutResult(item["rev"] or 0, item["version"] or 0,
+                                        item["create-rev"] or 0, item["mod-rev"] or 0, shard))
+            else:
+                parsed.append(item)
+        return TxnResult(answer.attr("succeeded") == "true", rev, parsed, shard)
+
+    async def put_many(self, items: Mapping[str, bytes | str], *,
+                       timeout: float | None = None) -> dict[str, int]:
+        """Write many keys: one transaction per shard (atomic within each shard).
+
+        Returns shard -> the revision of its writes. A shard's keys are split
+        into several transactions only when they would not fit in one stanza.
+        """
+        if not self.directory.complete:
+            await self.directory.ready(timeout or self.timeout)
+        by_shard: dict[str, list[Put]] = {}
+        for key, value in items.items():
+            keys.validate(key, CLIENT_KEY_LIMITS)
+            by_shard.setdefault(self.directory.shard_of(key), []).append(
+                Put(key, _to_bytes(value)))
+        chunks: list[list[Put]] = []
+        for puts in by_shard.values():
+            chunk: list[Put] = []
+            size = 0
+            for put in puts:
+                cost = len(put.value) * 4 // 3 + len(put.key) + 64
+                if chunk and (size + cost > TXN_BUDGET or len(chunk) >= 1000):
+                    chunks.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(put)
+                size += cost
+            chunks.append(chunk)
+        done = await asyncio.gather(*(self.txn(success=chunk, timeout=timeout)
+                                      for chunk in chunks))
+        revisions: dict[str, int] = {}
+        for result in done:
+            revisions[result.shard] = max(revisions.get(result.shard, 0), result.rev)
+        return revisions
 
     # --- watches ----------------------------------------------------------
 

@@ -91,7 +91,8 @@ class Committer:
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued write is committed."""
-        await asyncio.wait_for(self._idle.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

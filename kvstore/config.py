@@ -151,6 +151,8 @@ class Limits:
     """Most items or names one answer carries; clients page for more."""
     max_stanza_bytes: int = 200_000
     """Budget for one answer's payload, below the server's stanza size limit."""
+    max_txn_ops: int = 1000
+    """Most steps and compares one transaction may hold."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_key_bytes <= 511:

@@ -204,7 +204,8 @@ class Directory:
                 return
             try:
                 # Wake up now and then: `complete` also changes with time alone.
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
+                async with asyncio.timeout(min(remaining, 0.25)):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 

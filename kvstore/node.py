@@ -33,7 +33,16 @@ from kvstore.client import Client
 from kvstore.commit import Committer
 from kvstore.config import NodeConfig
 from kvstore.recipe import TreeCache
-from kvstore.storage import Change, CompactOp, DeleteEphemeralOp, DeleteOp, Engine, PutOp, Retention
+from kvstore.storage import (
+    Change,
+    CompactOp,
+    DeleteEphemeralOp,
+    DeleteOp,
+    Engine,
+    PutOp,
+    Retention,
+    TxnOp,
+)
 from kvstore.watch_hub import WatchHub, WatchLimits
 from kvstore.xmpp import IQ_TAG, Session, answer, reply_error
 from protocol import keys
@@ -48,6 +57,7 @@ from protocol.errors import (
     Unavailable,
     ValueTooLarge,
 )
+from protocol.model import Delete, KeyValue, Put
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +125,7 @@ class StorageNode:
             ("set", "delete"): self._on_delete,
             ("set", "watch"): self._on_watch,
             ("set", "cancel"): self._on_cancel,
+            ("set", "txn"): self._on_txn,
         }
         self.xmpp.register_handler(Callback("kv requests", _RequestMatcher(), self._on_request))
         self.xmpp.add_event_handler("presence_subscribe", self._on_subscribe)
@@ -449,6 +460,60 @@ class StorageNode:
             error = KvError(f"internal error: {type(error).__name__}")
         reply_error(iq, error).send()
         return None
+
+    def _on_txn(self, iq: Iq, element: ET.Element) -> None:
+        compares, success, failure = wire.Txn(xml=element).request()
+        steps = [*success, *failure]
+        if len(steps) + len(compares) > self.limits.max_txn_ops:
+            raise BadRequest(f"a transaction may hold {self.limits.max_txn_ops} steps and "
+                             f"compares, not {len(steps) + len(compares)}")
+        for key in [c.key for c in compares] + [s.key for s in steps]:
+            keys.validate(key, self.key_limits, allow_root=True)
+        first = (steps or compares or [None])[0]
+        if first is None:
+            raise BadRequest("an empty transaction")
+        shard = self._owner(first.key, element.get("shard"))
+        for key in [c.key for c in compares] + [s.key for s in steps]:
+            if keys.longest_prefix(key, self.cluster_shards) != shard:
+                raise BadRequest(f"a transaction stays within one shard: {key} is not in "
+                                 f"shard {shard}")
+        for step in steps:
+            if isinstance(step, Put):
+                keys.validate(step.key, self.key_limits)  # the root holds no value
+                if len(step.value) > self.limits.max_value_bytes:
+                    raise ValueTooLarge(f"the value of {step.key} is {len(step.value)} bytes, "
+                                        f"over the limit of {self.limits.max_value_bytes}",
+                                        limit=self.limits.max_value_bytes)
+                self._require(iq, acl.WRITE, step.key)
+            elif isinstance(step, Delete):
+                self._require(iq, acl.WRITE, step.key, subtree=step.prefix)
+            else:
+                self._require(iq, acl.READ, step.key)
+        for compare in compares:
+            self._require(iq, acl.READ, compare.key)
+        sender = self._admit(iq)
+        op = TxnOp(shard, compares, success, failure, owner=str(iq["from"]),
+                   read_limit=self.limits.max_page)
+        self.committer.submit(op).add_done_callback(
+            lambda done: self._txn_done(iq, sender, shard, done))
+
+    def _txn_done(self, iq: Iq, sender: str, shard: str, done: asyncio.Future[Any]) -> None:
+        self._release(sender)
+        outcome = self._outcome(iq, done)
+        if outcome is None:
+            return
+        for result in outcome.results or []:
+            if isinstance(result, KeyValue) and result.ephemeral:
+                self.holders.add(result.ephemeral)
+        visible = self.policy.reader(iq.xml.get("from", ""))
+        results = [[kv for kv in r if visible(kv.key)] if isinstance(r, list) else r
+                   for r in outcome.results or []]
+        result = wire.Txn()
+        rev = outcome.rev or self.engine.revision(shard)
+        result.set_attrs(rev=rev)
+        result.xml.set("succeeded", "true" if outcome.succeeded else "false")
+        result.add_results(results, rev=rev)
+        answer(iq, result.xml).send()
 
     # --- watches --------------------------------------------------------
 

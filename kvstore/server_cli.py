@@ -46,7 +46,8 @@ async def _serve(config: NodeConfig) -> int:
         except KvError as error:
             log.warning("cannot start yet: %s; retrying in %.1fs", error, delay)
             try:
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
                 node.engine.close()
                 return 0
             except TimeoutError:

@@ -40,7 +40,9 @@ from protocol.errors import (
     StorageFull,
     VersionMismatch,
 )
-from protocol.model import Event, EventType, KeyValue
+from protocol.model import Compare, Delete, Event, EventType, Get, KeyValue, Put
+
+TxnStep = Put | Delete | Get
 
 _REV = struct.Struct(">Q")
 _PUT, _DELETE = 0, 1
@@ -92,7 +94,22 @@ class DeleteEphemeralOp:
     owner: str
 
 
-WriteOp = PutOp | DeleteOp | CompactOp | DeleteEphemeralOp
+@dataclass(slots=True)
+class TxnOp:
+    """etcd's transaction within one shard: if every compare holds, run
+    ``success``, else ``failure``; all the writes share one revision."""
+
+    shard: str
+    compares: list[Compare]
+    success: list[TxnStep]
+    failure: list[TxnStep]
+    owner: str | None = None
+    """Full JID of the writer, for ephemeral puts."""
+    read_limit: int = 1000
+    """Most records one get step returns."""
+
+
+WriteOp = PutOp | DeleteOp | CompactOp | DeleteEphemeralOp | TxnOp
 
 
 @dataclass(slots=True)
@@ -111,6 +128,11 @@ class Outcome:
     changes: list[Change] = field(default_factory=list)
     error: KvError | None = None
     deleted: int = 0
+    succeeded: bool = True
+    """For a transaction: did its compares hold?"""
+    results: list[Any] | None = None
+    """For a transaction: one result per step run (a KeyValue for a put, a
+    count for a delete, a list of KeyValues for a get)."""
 
     @property
     def rev(self) -> int:
@@ -527,6 +549,8 @@ class _Batch:
                 return self._compact(op)
             if isinstance(op, DeleteEphemeralOp):
                 return self._delete_ephemeral(op)
+            if isinstance(op, TxnOp):
+                return self._txn(op)
             raise BadRequest(f"unknown write op {type(op).__name__}")
         except KvError as error:
             return Outcome(error=error)
@@ -659,6 +683,83 @@ class _Batch:
             outcome.changes.append(self._log(shard, rev, events))
             outcome.deleted += len(events)
         return outcome
+
+    def _txn(self, op: TxnOp) -> Outcome:
+        db = self.engine._kv_db(op.shard)
+        for step in [*op.success, *op.failure]:
+            if keys.longest_prefix(step.key, [op.shard]) is None:
+                raise BadRequest(f"{step.key} is outside shard {op.shard}")
+        for branch in (op.success, op.failure):
+            written = [s.key for s in branch if isinstance(s, Put | Delete)]
+            if len(written) != len(set(written)):
+                raise BadRequest("a transaction may write each key once")
+        # Everything that can refuse the transaction is checked above: from
+        # here on the steps only read and write, so a failure cannot leave
+        # half a transaction in the batch.
+        succeeded = all(c.holds(self._read(db, keys.tree_order(c.key), c.key))
+                        for c in op.compares)
+        rev = 0
+        events: list[Event] = []
+        results: list[Any] = []
+        deleted = 0
+
+        def revision() -> int:
+            nonlocal rev
+            if not rev:
+                rev = self._next_rev(op.shard)
+            return rev
+
+        for step in op.success if succeeded else op.failure:
+            raw_key = keys.tree_order(step.key)
+            if isinstance(step, Get):
+                if not step.prefix:
+                    current = self._read(db, raw_key, step.key)
+                    results.append([current] if current else [])
+                    continue
+                limit = min(step.limit or op.read_limit, op.read_limit)
+                cursor = self.txn.cursor(db=db)
+                found = []
+                for key_bytes in _subtree(cursor, keys.tree_order(_scope(op.shard, step.key)
+                                                                  or step.key)):
+                    if len(found) >= limit:
+                        break
+                    found.append(_unpack_record(keys.from_tree_order(key_bytes),
+                                                cursor.value()))
+                results.append(found)
+            elif isinstance(step, Put):
+                current = self._read(db, raw_key, step.key)
+                at = revision()
+                owner = op.owner if step.ephemeral else None
+                kv = KeyValue(step.key, step.value, current.version + 1 if current else 1,
+                              current.create_rev if current else at, at, owner)
+                self.txn.put(raw_key, _pack_record(kv), db=db)
+                self._index_ephemeral(op.shard, raw_key, current.ephemeral if current else None,
+                                      owner)
+                events.append(Event(EventType.PUT, kv, op.shard, current))
+                results.append(kv)
+            elif not step.prefix:
+                current = self._read(db, raw_key, step.key)
+                if current is not None:
+                    at = revision()
+                    self.txn.delete(raw_key, db=db)
+                    self._index_ephemeral(op.shard, raw_key, current.ephemeral, None)
+                    events.append(self._tombstone(op.shard, current, at))
+                results.append(1 if current else 0)
+                deleted += 1 if current else 0
+            else:
+                top = _scope(op.shard, step.key)
+                cursor = self.txn.cursor(db=db)
+                doomed = [] if top is None else [
+                    (k, cursor.value()) for k in _subtree(cursor, keys.tree_order(top))]
+                for key_bytes, raw in doomed:
+                    current = _unpack_record(keys.from_tree_order(key_bytes), raw)
+                    self.txn.delete(key_bytes, db=db)
+                    self._index_ephemeral(op.shard, key_bytes, current.ephemeral, None)
+                    events.append(self._tombstone(op.shard, current, revision()))
+                results.append(len(doomed))
+                deleted += len(doomed)
+        changes = [self._log(op.shard, rev, events)] if events else []
+        return Outcome(changes=changes, deleted=deleted, succeeded=succeeded, results=results)
 
     def _compact(self, op: CompactOp) -> Outcome:
         db = self.engine._log[op.shard]

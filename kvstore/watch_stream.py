@@ -186,7 +186,8 @@ class WatchStream:
                     raise TimeoutError(f"no event within {timeout:g}s")
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
             except TimeoutError:
                 self._check_unavailable()
 

@@ -150,7 +150,8 @@ class Session:
         self._attempt = loop.create_future()
         self.xmpp.connect(self.settings.host, self.settings.port)
         try:
-            await asyncio.wait_for(asyncio.shield(self._attempt), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._attempt)
         except TimeoutError:
             self._abandon_attempt()
             raise Unavailable(
@@ -240,7 +241,8 @@ class Session:
         if self._closing:
             raise Unavailable("the session is closed")
         try:
-            await asyncio.wait_for(self.online.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.online.wait()
         except TimeoutError:
             raise Unavailable(
                 f"not connected to the XMPP server at {self.address} (waited {timeout:g}s)"
@@ -253,7 +255,8 @@ class Session:
         self._fail_pending(Unavailable("the session was closed"))
         if self.xmpp.transport is not None:
             try:
-                await asyncio.wait_for(self.xmpp.disconnect(wait=1.0), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self.xmpp.disconnect(wait=1.0)
             except (TimeoutError, Exception):
                 self.xmpp.abort()
         self.xmpp.cancel_connection_attempt()

@@ -50,3 +50,54 @@ class Event:
     @property
     def rev(self) -> int:
         return self.kv.mod_rev
+
+
+# --- transactions ------------------------------------------------------------
+
+COMPARE_TARGETS = ("version", "mod-rev", "create-rev")
+COMPARE_OPS = ("=", "!=", "<", ">")
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """A condition of a transaction: ``target op value`` on one key.
+
+    ``target`` is version, mod-rev or create-rev; a missing key has 0 for all
+    three (so ``Compare(key, "version", "=", 0)`` means "does not exist").
+    """
+
+    key: str
+    target: str = "version"
+    op: str = "="
+    value: int = 0
+
+    def holds(self, current: KeyValue | None) -> bool:
+        actual = 0
+        if current is not None:
+            actual = {"version": current.version, "mod-rev": current.mod_rev,
+                      "create-rev": current.create_rev}[self.target]
+        return {"=": actual == self.value, "!=": actual != self.value,
+                "<": actual < self.value, ">": actual > self.value}[self.op]
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: bytes
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    key: str
+    prefix: bool = False
+    limit: int | None = None
+
+
+TxnOp = Put | Delete | Get

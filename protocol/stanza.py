@@ -14,9 +14,11 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from slixmpp.xmlstream import ET, ElementBase
 
+from protocol import model
 from protocol.errors import APPLICATION_CONDITIONS, BadRequest, KvError, from_condition
 from protocol.model import Event, EventType, KeyValue
 
@@ -310,8 +312,123 @@ class Events(KvElement):
         return [parse_event(child, shard) for child in self.xml if child.tag == _EVENT]
 
 
+_COMPARE = f"{{{NS}}}compare"
+_SUCCESS = f"{{{NS}}}success"
+_FAILURE = f"{{{NS}}}failure"
+_PUT = f"{{{NS}}}put"
+_DELETE = f"{{{NS}}}delete"
+_GET = f"{{{NS}}}get"
+
+
+def _step_element(step: model.TxnOp) -> ET.Element:
+    if isinstance(step, model.Put):
+        element = ET.Element(_PUT, {"key": step.key})
+        if step.ephemeral:
+            element.set("ephemeral", "true")
+        if step.value:
+            element.text = encode_value(step.value)
+        return element
+    if isinstance(step, model.Delete):
+        element = ET.Element(_DELETE, {"key": step.key})
+    else:
+        element = ET.Element(_GET, {"key": step.key})
+        if step.limit is not None:
+            element.set("limit", str(step.limit))
+    if step.prefix:
+        element.set("prefix", "true")
+    return element
+
+
+def _parse_step(element: ET.Element) -> model.TxnOp:
+    key = element.get("key")
+    if not key:
+        raise BadRequest("a transaction step has no key")
+    if element.tag == _PUT:
+        return model.Put(key, decode_value(element.text),
+                         parse_bool(element.get("ephemeral"), "ephemeral"))
+    prefix = parse_bool(element.get("prefix"), "prefix")
+    if element.tag == _DELETE:
+        return model.Delete(key, prefix)
+    if element.tag == _GET:
+        return model.Get(key, prefix, parse_int(element.get("limit"), "limit", minimum=1))
+    raise BadRequest(f"a transaction step must be put, delete or get, not {element.tag}")
+
+
+class Txn(KvElement):
+    """A transaction within one shard (etcd's Txn).
+
+    ``<compare key= target='version|mod-rev|create-rev' op='=|!=|<|>' value=/>``
+    elements, then ``<success>`` and ``<failure>`` holding ``<put>``,
+    ``<delete>`` and ``<get>`` steps. If every compare holds the success steps
+    run, else the failure steps; their writes share one revision. The result
+    carries ``rev`` and ``succeeded``, then one element per step run: ``<put
+    rev= version= create-rev= mod-rev=/>``, ``<delete deleted=/>``, ``<get>``
+    with items.
+    """
+
+    name = "txn"
+    plugin_attrib = "kv_txn"
+    interfaces = {"shard", "rev", "succeeded"}
+
+    def set_request(self, compares: Iterable[model.Compare], success: Iterable[model.TxnOp],
+                    failure: Iterable[model.TxnOp]) -> None:
+        for compare in compares:
+            ET.SubElement(self.xml, _COMPARE, {"key": compare.key, "target": compare.target,
+                                               "op": compare.op, "value": str(compare.value)})
+        for tag, steps in ((_SUCCESS, success), (_FAILURE, failure)):
+            branch = ET.SubElement(self.xml, tag)
+            for step in steps:
+                branch.append(_step_element(step))
+
+    def request(self) -> tuple[list[model.Compare], list[model.TxnOp], list[model.TxnOp]]:
+        compares: list[model.Compare] = []
+        success: list[model.TxnOp] = []
+        failure: list[model.TxnOp] = []
+        for child in self.xml:
+            if child.tag == _COMPARE:
+                target, op = child.get("target", "version"), child.get("op", "=")
+                if target not in model.COMPARE_TARGETS or op not in model.COMPARE_OPS:
+                    raise BadRequest(f"bad compare: {target!r} {op!r}")
+                key = child.get("key")
+                if not key:
+                    raise BadRequest("a compare has no key")
+                value = parse_int(child.get("value"), "value", default=0, minimum=0) or 0
+                compares.append(model.Compare(key, target, op, value))
+            elif child.tag in (_SUCCESS, _FAILURE):
+                steps = [_parse_step(step) for step in child]
+                (success if child.tag == _SUCCESS else failure).extend(steps)
+            else:
+                raise BadRequest(f"unexpected element in a transaction: {child.tag}")
+        return compares, success, failure
+
+    def add_results(self, results: Iterable[Any], *, rev: int) -> None:
+        for result in results:
+            if isinstance(result, KeyValue):
+                ET.SubElement(self.xml, _PUT, {
+                    "rev": str(rev), "version": str(result.version),
+                    "create-rev": str(result.create_rev), "mod-rev": str(result.mod_rev)})
+            elif isinstance(result, int):
+                ET.SubElement(self.xml, _DELETE, {"deleted": str(result)})
+            else:
+                found = ET.SubElement(self.xml, _GET)
+                for kv in result:
+                    found.append(item_element(kv))
+
+    def results(self) -> list[Any]:
+        parsed: list[Any] = []
+        for child in self.xml:
+            if child.tag == _PUT:
+                parsed.append({name: parse_int(child.get(name), name, default=0)
+                               for name in ("rev", "version", "create-rev", "mod-rev")})
+            elif child.tag == _DELETE:
+                parsed.append(parse_int(child.get("deleted"), "deleted", default=0))
+            elif child.tag == _GET:
+                parsed.append([parse_item(item) for item in child if item.tag == _ITEM])
+        return parsed
+
+
 REQUESTS: tuple[type[KvElement], ...] = (Get, Put, Delete, ListChildren, Status, Watch, Cancel,
-                                         Events)
+                                         Events, Txn)
 
 
 def error_condition(error: KvError) -> ET.Element:
