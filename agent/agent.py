@@ -22,10 +22,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from slixmpp import Iq
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher.base import MatcherBase
-
 from agent.actor import Actor
 from agent.builtin import SysActor
 from agent.registry import Registry
@@ -33,7 +29,7 @@ from agent.resources import RegistryLayout
 from kvstore.client import Client
 from kvstore.config import ConnectionSettings
 from kvstore.recipe import DataWatch, TreeCache
-from kvstore.xmpp import IQ_TAG, answer, reply_error
+from kvstore.xmpp import Inbound
 from protocol import agent as wire
 from protocol.errors import BadRequest, KvError, ResourceLimit
 from protocol.model import KeyValue
@@ -41,19 +37,6 @@ from protocol.model import KeyValue
 log = logging.getLogger(__name__)
 
 _CALL_TAG = f"{{{wire.NS}}}call"
-
-
-class _CallMatcher(MatcherBase):
-    def __init__(self) -> None:
-        super().__init__(None)
-
-    def match(self, stanza: Any) -> bool:
-        xml = stanza.xml
-        if xml.tag != IQ_TAG or xml.get("type") != "set":
-            return False
-        for child in xml:
-            return child.tag == _CALL_TAG
-        return False
 
 
 class Agent:
@@ -86,8 +69,7 @@ class Agent:
         self._again = False
         self._registered = False
         self._stopping = False
-        self.session.xmpp.register_handler(Callback("agent calls", _CallMatcher(),
-                                                    self._on_call))
+        self.session.route(_CALL_TAG, self._on_call)
         self.session.on_start.append(self._on_session_start)
 
     @property
@@ -190,9 +172,11 @@ class Agent:
 
     # --- calls ------------------------------------------------------------
 
-    def _on_call(self, iq: Iq) -> None:
+    def _on_call(self, call: Inbound) -> None:
         try:
-            request = iq["agent_call"]
+            if call.type != "set":
+                raise BadRequest("a call is an IQ set")
+            request = wire.Call(xml=call.payload)
             op = request.op
             function = self.operations.get(op)
             if function is None:
@@ -209,12 +193,12 @@ class Agent:
             if self._in_flight >= self.max_in_flight:
                 raise ResourceLimit(f"{self.jid} is running {self._in_flight} operations")
         except KvError as error:
-            reply_error(iq, error).send()
+            self.session.reply_error(call, error)
             return
         self._in_flight += 1
-        self._spawn(self._run(iq, op, function, args))
+        self._spawn(self._run(call, op, function, args))
 
-    async def _run(self, iq: Iq, op: str, function: Callable[..., Any],
+    async def _run(self, call: Inbound, op: str, function: Callable[..., Any],
                    args: dict[str, Any]) -> None:
         try:
             result = function(**args)
@@ -224,11 +208,11 @@ class Agent:
             response.op = op
             response.payload = result
         except KvError as error:
-            reply_error(iq, error).send()
+            self.session.reply_error(call, error)
         except Exception as error:
             log.info("operation %s failed: %s", op, error)
-            reply_error(iq, wire.OperationFailed(f"{type(error).__name__}: {error}")).send()
+            self.session.reply_error(call, wire.OperationFailed(f"{type(error).__name__}: {error}"))
         else:
-            answer(iq, response.xml).send()
+            self.session.reply(call, response.xml)
         finally:
             self._in_flight -= 1

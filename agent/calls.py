@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from agent.registry import Registry
 from kvstore.client import Client
+from kvstore.xmpp import payload_of
 from protocol.agent import Call
 from protocol.errors import KeyNotFound, KvError, Timeout
 
@@ -79,7 +80,7 @@ class Caller:
                     break
                 try:
                     answer = await self._send(jid, op, arguments, remaining)
-                    yield Reply(jid, answer["agent_call"].payload)
+                    yield Reply(jid, Call(xml=payload_of(answer)).payload)
                     return
                 except KvError as error:
                     last = Reply(jid, error=error)
@@ -95,7 +96,7 @@ class Caller:
                 # as_completed hides which future finished; match it by identity.
                 yield Reply(_owner(pending, error), error=error)
                 continue
-            yield Reply(str(answer.xml.get("from")), answer["agent_call"].payload)
+            yield Reply(str(answer.get("from")), Call(xml=payload_of(answer)).payload)
 
     async def gather(self, op: str, *resources: str, args: dict[str, Any] | None = None,
                      scope: Scope = "all", timeout: float = 5.0) -> list[Reply]:

@@ -17,18 +17,19 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from slixmpp import Iq
+from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings, load_connection
 from kvstore.directory import HARD_VALUE_LIMIT, Directory, NodeInfo
 from kvstore.watch_stream import WatchRegistry, WatchStream
-from kvstore.xmpp import Session
+from kvstore.xmpp import Session, payload_of
 from protocol import keys
 from protocol import stanza as wire
 from protocol.errors import NotOwner, Unavailable, ValueTooLarge
 from protocol.model import Compare, KeyValue, Put, TxnOp
 
 T = TypeVar("T")
+E = TypeVar("E", bound=wire.KvElement)
 
 TXN_BUDGET = 150_000
 """Bytes of values and keys put_many sends in one transaction (stanzas stay small)."""
@@ -104,6 +105,11 @@ class NodeStatus:
     uptime: float = 0.0
 
 
+def _answer(result: ET.Element, cls: type[E]) -> E:
+    """The payload of an answer, wrapped in its stanza class."""
+    return cls(xml=payload_of(result))
+
+
 def _to_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
@@ -119,8 +125,7 @@ class Client:
         self.settings = settings
         self.timeout = settings.timeout
         self.shared_session = session is not None
-        self.session = session or Session(settings, resource=resource, reconnect=reconnect,
-                                          plugins=("xep_0199",))
+        self.session = session or Session(settings, resource=resource, reconnect=reconnect)
         self.directory = Directory(self.session, settings.nodes, announce=session is None)
         self.watches = WatchRegistry(self)
 
@@ -154,13 +159,13 @@ class Client:
     # --- plumbing -------------------------------------------------------
 
     async def _call(self, node: NodeInfo, type_: str, payload: wire.KvElement,
-                    timeout: float | None) -> Iq:
+                    timeout: float | None) -> ET.Element:
         assert node.jid is not None
         iq = self.session.iq(node.jid, type_, payload.xml)
         return await self.session.request(iq, timeout or self.timeout)
 
     async def _routed(self, key: str, make: Callable[[str], wire.KvElement], type_: str,
-                      timeout: float | None) -> tuple[Iq, str]:
+                      timeout: float | None) -> tuple[ET.Element, str]:
         """Send a single-key request to the key's owner, following one not-owner hint."""
         if not self.directory.complete:
             await self.directory.ready(timeout or self.timeout)
@@ -200,7 +205,7 @@ class Client:
             return request
 
         result, _ = await self._routed(key, make, "get", timeout)
-        items = result["kv_get"].items()
+        items = _answer(result, wire.Get).items()
         if not items:
             raise Unavailable(f"the node answered a get of {key} with no item")
         return items[0]
@@ -221,7 +226,7 @@ class Client:
                 request.set_attrs(key=key, shard=shard, prefix=True, after=cursor,
                                   keys_only=keys_only,
                                   limit=None if limit is None else limit - len(found))
-                answer = (await self._call(node, "get", request, timeout))["kv_get"]
+                answer = _answer(await self._call(node, "get", request, timeout), wire.Get)
                 page = answer.items()
                 found.extend(page)
                 if first_rev is None:
@@ -252,7 +257,7 @@ class Client:
                 request = wire.ListChildren()
                 request.set_attrs(key=key, shard=shard, after=cursor,
                                   limit=None if limit is None else limit - len(names))
-                answer = (await self._call(node, "get", request, timeout))["kv_list"]
+                answer = _answer(await self._call(node, "get", request, timeout), wire.ListChildren)
                 page = answer.children()
                 names.extend(page)
                 if first_rev is None:
@@ -299,7 +304,7 @@ class Client:
             return request
 
         result, shard = await self._routed(key, make, "set", timeout)
-        answer = result["kv_put"]
+        answer = _answer(result, wire.Put)
         return PutResult(
             rev=answer.int_attr("rev", 0) or 0,
             version=answer.int_attr("version", 0) or 0,
@@ -325,14 +330,14 @@ class Client:
                 return request
 
             result, shard = await self._routed(key, make, "set", timeout)
-            answer = result["kv_delete"]
+            answer = _answer(result, wire.Delete)
             return DeleteResult(answer.int_attr("deleted", 0) or 0,
                                 {shard: answer.int_attr("rev", 0) or 0})
 
         async def fetch(shard: str, node: NodeInfo) -> tuple[int, int]:
             request = wire.Delete()
             request.set_attrs(key=key, shard=shard, prefix=True)
-            answer = (await self._call(node, "set", request, timeout))["kv_delete"]
+            answer = _answer(await self._call(node, "set", request, timeout), wire.Delete)
             return answer.int_attr("deleted", 0) or 0, answer.int_attr("rev", 0) or 0
 
         answers = await self._gather(key, fetch)
@@ -364,7 +369,7 @@ class Client:
             return request
 
         result, shard = await self._routed(keys_used[0], make, "set", timeout)
-        answer = result["kv_txn"]
+        answer = _answer(result, wire.Txn)
         rev = answer.int_attr("rev", 0) or 0
         parsed = []
         for item in answer.results():
@@ -439,7 +444,7 @@ class Client:
                     ShardStatus(prefix, rev, 0, 0) for prefix, rev in sorted(node.shards.items())
                 ])
             try:
-                answer = (await self._call(node, "get", wire.Status(), timeout))["kv_status"]
+                answer = _answer(await self._call(node, "get", wire.Status(), timeout), wire.Status)
             except Unavailable:
                 return NodeStatus(node.jid or node.bare, False, [])
             shards = [

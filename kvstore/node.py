@@ -22,7 +22,7 @@ import math
 import time
 from typing import Any
 
-from slixmpp import JID, Iq, Presence
+from slixmpp import JID, Presence
 from slixmpp.xmlstream import ET
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
@@ -44,7 +44,7 @@ from kvstore.storage import (
     TxnOp,
 )
 from kvstore.watch_hub import WatchHub, WatchLimits
-from kvstore.xmpp import IQ_TAG, Session, answer, reply_error
+from kvstore.xmpp import IQ_TAG, Inbound, Session
 from protocol import keys
 from protocol import stanza as wire
 from protocol.errors import (
@@ -97,8 +97,7 @@ class StorageNode:
             map_size=config.map_size,
             retention=Retention(config.retain_revisions, config.retain_seconds),
         )
-        self.session = Session(config.connection, resource="kvstore",
-                               plugins=("xep_0030", "xep_0199"))
+        self.session = Session(config.connection, resource="kvstore", plugins=("xep_0030",))
         self.xmpp = self.session.xmpp
         self.hub = WatchHub(self.engine, self.session,
                             max_stanza_bytes=self.limits.max_stanza_bytes,
@@ -127,7 +126,13 @@ class StorageNode:
             ("set", "cancel"): self._on_cancel,
             ("set", "txn"): self._on_txn,
         }
-        self.xmpp.register_handler(Callback("kv requests", _RequestMatcher(), self._on_request))
+        for _type, name in self._handlers:
+            self.session.route(f"{_NS_PREFIX}{name}", self._on_request)
+        # Anything else in the kvstore namespace (an unknown element) comes the
+        # slow way, through slixmpp, and is refused as a bad request.
+        self.xmpp.register_handler(Callback(
+            "kv unknown requests", _RequestMatcher(),
+            lambda iq: self._on_request(Inbound(iq.xml, iq.xml[0]))))
         self.xmpp.add_event_handler("presence_subscribe", self._on_subscribe)
         self.xmpp.add_event_handler("presence_available", self._on_available)
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
@@ -222,29 +227,29 @@ class StorageNode:
 
     # --- dispatch -------------------------------------------------------
 
-    def _on_request(self, iq: Iq) -> None:
-        payload = iq.xml[0]
+    def _on_request(self, request: Inbound) -> None:
+        payload = request.payload
         name = payload.tag[len(_NS_PREFIX):]
-        handler = self._handlers.get((iq.xml.get("type", ""), name))
+        handler = self._handlers.get((request.type, name))
         try:
-            sender = iq.xml.get("from", "")
+            sender = request.sender
             if not self.policy.known(sender):
                 log.warning("refused <%s/> from %s: not a JID this node's policy knows",
                             name, sender)
                 raise Forbidden(f"{acl.bare(sender)} is not allowed to use this store")
             if handler is None:
-                raise BadRequest(f"unknown kvstore request <{name}/> in an IQ {iq['type']}")
-            handler(iq, payload)
+                raise BadRequest(f"unknown kvstore request <{name}/> in an IQ {request.type}")
+            handler(request, payload)
         except KvError as error:
-            reply_error(iq, error).send()
+            self.session.reply_error(request, error)
         except Exception as exc:
             log.exception("request %s failed", name)
-            reply_error(iq, KvError(f"internal error: {type(exc).__name__}")).send()
+            self.session.reply_error(request, KvError(f"internal error: {type(exc).__name__}"))
 
     # --- access ---------------------------------------------------------
 
-    def _require(self, iq: Iq, perm: str, key: str, *, subtree: bool = False) -> None:
-        sender = iq.xml.get("from", "")
+    def _require(self, request: Inbound, perm: str, key: str, *, subtree: bool = False) -> None:
+        sender = request.sender
         check = self.policy.allows_subtree if subtree else self.policy.allows
         if not check(sender, perm, key):
             log.info("refused %s on %s%s to %s", perm, key, " (subtree)" if subtree else "",
@@ -252,9 +257,9 @@ class StorageNode:
             raise Forbidden(f"{acl.bare(sender)} may not {perm} {key}"
                             + (" and everything below it" if subtree else ""))
 
-    def _admit(self, iq: Iq) -> str:
+    def _admit(self, request: Inbound) -> str:
         """Count a queued write against its sender's limit."""
-        sender = iq.xml.get("from", "")
+        sender = request.sender
         queued = self._in_flight.get(sender, 0)
         if queued >= self.config.max_in_flight:
             raise ResourceLimit(f"{sender} already has {queued} writes queued")
@@ -329,14 +334,14 @@ class StorageNode:
 
     # --- reads ----------------------------------------------------------
 
-    def _on_get(self, iq: Iq, element: ET.Element) -> None:
+    def _on_get(self, request: Inbound, element: ET.Element) -> None:
         prefix = wire.parse_bool(element.get("prefix"), "prefix")
         key = self._key(element, allow_root=prefix)
         hint = element.get("shard")
         result = wire.Get()
         if not prefix:
             shard = self._owner(key, hint)
-            self._require(iq, acl.READ, key)
+            self._require(request, acl.READ, key)
             record, rev = self.engine.get(shard, key)
             if record is None:
                 raise KeyNotFound(f"{key} not found", key=key)
@@ -352,12 +357,12 @@ class StorageNode:
                 shard, key, limit=self._page_limit(element), after=after,
                 max_bytes=self.limits.max_stanza_bytes, with_values=not keys_only,
             )
-            visible = self.policy.reader(iq.xml.get("from", ""))
+            visible = self.policy.reader(request.sender)
             result.set_attrs(rev=rev, more=more)
             result.add_items([r for r in records if visible(r.key)], with_value=not keys_only)
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
-    def _on_list(self, iq: Iq, element: ET.Element) -> None:
+    def _on_list(self, request: Inbound, element: ET.Element) -> None:
         key = self._key(element, allow_root=True)
         shard = self._subtree_shard(key, element.get("shard"))
         after = element.get("after")
@@ -366,20 +371,20 @@ class StorageNode:
         names, more, rev = self.engine.children(shard, key, limit=self._page_limit(element),
                                                 after=after,
                                                 max_bytes=self.limits.max_stanza_bytes)
-        visible = self.policy.reader(iq.xml.get("from", ""))
+        visible = self.policy.reader(request.sender)
         result = wire.ListChildren()
         result.set_attrs(rev=rev, more=more)
         result.add_children(name for name in names if visible(keys.join(key, name)))
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
-    def _on_status(self, iq: Iq, element: ET.Element) -> None:
+    def _on_status(self, request: Inbound, element: ET.Element) -> None:
         result = wire.Status()
         result.set_attrs(jid=str(self.jid))
         result.xml.set("uptime", f"{time.time() - self.started:.1f}")
         result.xml.set("watchers", str(self.hub.watch_count))
         for shard in self.own_shards:
             result.add_shard(shard, **self.engine.stats(shard))
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
     # --- writes -----------------------------------------------------------
 
@@ -399,22 +404,22 @@ class StorageNode:
         return (wire.parse_int(element.get("if-version"), "if-version"),
                 wire.parse_int(element.get("if-mod-rev"), "if-mod-rev"))
 
-    def _on_put(self, iq: Iq, element: ET.Element) -> None:
+    def _on_put(self, request: Inbound, element: ET.Element) -> None:
         key = self._key(element)
         shard = self._owner(key, element.get("shard"))
         value = self._value(element)
         if_version, if_mod_rev = self._compares(element)
-        ephemeral = str(iq["from"]) if wire.parse_bool(element.get("ephemeral"),
+        ephemeral = request.sender if wire.parse_bool(element.get("ephemeral"),
                                                        "ephemeral") else None
-        self._require(iq, acl.WRITE, key)
-        sender = self._admit(iq)
+        self._require(request, acl.WRITE, key)
+        sender = self._admit(request)
         op = PutOp(shard, key, value, if_version, if_mod_rev, ephemeral)
         self.committer.submit(op).add_done_callback(
-            lambda done: self._put_done(iq, sender, done))
+            lambda done: self._put_done(request, sender, done))
 
-    def _put_done(self, iq: Iq, sender: str, done: asyncio.Future[Any]) -> None:
+    def _put_done(self, request: Inbound, sender: str, done: asyncio.Future[Any]) -> None:
         self._release(sender)
-        outcome = self._outcome(iq, done)
+        outcome = self._outcome(request, done)
         if outcome is None:
             return
         kv = outcome.kv
@@ -423,9 +428,9 @@ class StorageNode:
         result = wire.Put()
         result.set_attrs(rev=outcome.rev, version=kv.version, create_rev=kv.create_rev,
                          mod_rev=kv.mod_rev)
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
-    def _on_delete(self, iq: Iq, element: ET.Element) -> None:
+    def _on_delete(self, request: Inbound, element: ET.Element) -> None:
         prefix = wire.parse_bool(element.get("prefix"), "prefix")
         key = self._key(element, allow_root=prefix)
         hint = element.get("shard")
@@ -433,23 +438,22 @@ class StorageNode:
         if_version, if_mod_rev = self._compares(element)
         if prefix and (if_version is not None or if_mod_rev is not None):
             raise BadRequest("a prefix delete takes no compare")
-        self._require(iq, acl.WRITE, key, subtree=prefix)
-        sender = self._admit(iq)
+        self._require(request, acl.WRITE, key, subtree=prefix)
+        sender = self._admit(request)
         op = DeleteOp(shard, key, prefix, if_version, if_mod_rev)
         self.committer.submit(op).add_done_callback(
-            lambda done: self._delete_done(iq, sender, done))
+            lambda done: self._delete_done(request, sender, done))
 
-    def _delete_done(self, iq: Iq, sender: str, done: asyncio.Future[Any]) -> None:
+    def _delete_done(self, request: Inbound, sender: str, done: asyncio.Future[Any]) -> None:
         self._release(sender)
-        outcome = self._outcome(iq, done)
+        outcome = self._outcome(request, done)
         if outcome is None:
             return
         result = wire.Delete()
         result.set_attrs(rev=outcome.rev, deleted=outcome.deleted)
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
-    @staticmethod
-    def _outcome(iq: Iq, done: asyncio.Future[Any]) -> Any:
+    def _outcome(self, request: Inbound, done: asyncio.Future[Any]) -> Any:
         """The op's outcome, or None once its error has been answered."""
         error = done.exception()
         if error is None:
@@ -458,10 +462,10 @@ class StorageNode:
             return done.result()
         if not isinstance(error, KvError):
             error = KvError(f"internal error: {type(error).__name__}")
-        reply_error(iq, error).send()
+        self.session.reply_error(request, error)
         return None
 
-    def _on_txn(self, iq: Iq, element: ET.Element) -> None:
+    def _on_txn(self, request: Inbound, element: ET.Element) -> None:
         compares, success, failure = wire.Txn(xml=element).request()
         steps = [*success, *failure]
         if len(steps) + len(compares) > self.limits.max_txn_ops:
@@ -484,28 +488,29 @@ class StorageNode:
                     raise ValueTooLarge(f"the value of {step.key} is {len(step.value)} bytes, "
                                         f"over the limit of {self.limits.max_value_bytes}",
                                         limit=self.limits.max_value_bytes)
-                self._require(iq, acl.WRITE, step.key)
+                self._require(request, acl.WRITE, step.key)
             elif isinstance(step, Delete):
-                self._require(iq, acl.WRITE, step.key, subtree=step.prefix)
+                self._require(request, acl.WRITE, step.key, subtree=step.prefix)
             else:
-                self._require(iq, acl.READ, step.key)
+                self._require(request, acl.READ, step.key)
         for compare in compares:
-            self._require(iq, acl.READ, compare.key)
-        sender = self._admit(iq)
-        op = TxnOp(shard, compares, success, failure, owner=str(iq["from"]),
+            self._require(request, acl.READ, compare.key)
+        sender = self._admit(request)
+        op = TxnOp(shard, compares, success, failure, owner=request.sender,
                    read_limit=self.limits.max_page)
         self.committer.submit(op).add_done_callback(
-            lambda done: self._txn_done(iq, sender, shard, done))
+            lambda done: self._txn_done(request, sender, shard, done))
 
-    def _txn_done(self, iq: Iq, sender: str, shard: str, done: asyncio.Future[Any]) -> None:
+    def _txn_done(self, request: Inbound, sender: str, shard: str,
+                  done: asyncio.Future[Any]) -> None:
         self._release(sender)
-        outcome = self._outcome(iq, done)
+        outcome = self._outcome(request, done)
         if outcome is None:
             return
         for result in outcome.results or []:
             if isinstance(result, KeyValue) and result.ephemeral:
                 self.holders.add(result.ephemeral)
-        visible = self.policy.reader(iq.xml.get("from", ""))
+        visible = self.policy.reader(request.sender)
         results = [[kv for kv in r if visible(kv.key)] if isinstance(r, list) else r
                    for r in outcome.results or []]
         result = wire.Txn()
@@ -513,11 +518,11 @@ class StorageNode:
         result.set_attrs(rev=rev)
         result.xml.set("succeeded", "true" if outcome.succeeded else "false")
         result.add_results(results, rev=rev)
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
     # --- watches --------------------------------------------------------
 
-    def _on_watch(self, iq: Iq, element: ET.Element) -> None:
+    def _on_watch(self, request: Inbound, element: ET.Element) -> None:
         prefix = wire.parse_bool(element.get("prefix"), "prefix")
         key = self._key(element, allow_root=prefix)
         hint = element.get("shard")
@@ -526,11 +531,11 @@ class StorageNode:
         watch_id = element.get("id")
         if not watch_id or len(watch_id) > 100:
             raise BadRequest("a watch needs an id of 1 to 100 characters")
-        self._require(iq, acl.WATCH, key)
+        self._require(request, acl.WATCH, key)
         watch = self.hub.create(
-            visible=self.policy.reader(iq.xml.get("from", "")),
+            visible=self.policy.reader(request.sender),
             watch_id=watch_id,
-            watcher=str(iq["from"]),
+            watcher=request.sender,
             shard=shard,
             key=key,
             prefix=prefix,
@@ -540,16 +545,16 @@ class StorageNode:
         )
         result = wire.Watch()
         result.set_attrs(id=watch.id, shard=shard, start_rev=watch.next_rev)
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
-    def _on_cancel(self, iq: Iq, element: ET.Element) -> None:
+    def _on_cancel(self, request: Inbound, element: ET.Element) -> None:
         watch_id = element.get("id")
         if not watch_id:
             raise BadRequest("cancel needs the watch id")
-        found = self.hub.cancel(str(iq["from"]), watch_id)
+        found = self.hub.cancel(request.sender, watch_id)
         result = wire.Cancel()
         result.set_attrs(id=watch_id, found=found)
-        answer(iq, result.xml).send()
+        self.session.reply(request, result.xml)
 
     # --- ephemeral keys ---------------------------------------------------
     #
@@ -582,8 +587,8 @@ class StorageNode:
             for owner in list(self.holders):
                 if owner in self._expiring:
                     continue
-                iq = self.session.iq(owner, "get", ET.Element("{urn:xmpp:ping}ping"))
-                future = self.session.send_iq(iq, self.config.ping_timeout)
+                ping = self.session.iq(owner, "get", "<ping xmlns='urn:xmpp:ping'/>")
+                future = self.session.send_iq(ping, self.config.ping_timeout)
                 future.add_done_callback(lambda done, who=owner: self._pinged(who, done))
 
     def _pinged(self, owner: str, done: asyncio.Future[Any]) -> None:

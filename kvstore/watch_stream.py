@@ -28,15 +28,11 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slixmpp import Iq
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher.base import MatcherBase
-
 from kvstore.directory import NodeInfo
-from kvstore.xmpp import IQ_TAG, answer, reply_error
+from kvstore.xmpp import Inbound, payload_of
 from protocol import keys
 from protocol import stanza as wire
-from protocol.errors import Compacted, KvError, NotOwner, Unavailable
+from protocol.errors import BadRequest, Compacted, KvError, NotOwner, Unavailable
 from protocol.model import Event
 
 if TYPE_CHECKING:
@@ -47,19 +43,6 @@ log = logging.getLogger(__name__)
 _EVENTS_TAG = f"{{{wire.NS}}}events"
 HIGH_WATER = 1000
 """Queued events above which pushes are no longer acknowledged."""
-
-
-class _PushMatcher(MatcherBase):
-    def __init__(self) -> None:
-        super().__init__(None)
-
-    def match(self, stanza: Any) -> bool:
-        xml = stanza.xml
-        if xml.tag != IQ_TAG or xml.get("type") != "set":
-            return False
-        for child in xml:
-            return child.tag == _EVENTS_TAG
-        return False
 
 
 @dataclass(eq=False)
@@ -92,7 +75,7 @@ class WatchStream:
         self.unavailable_timeout = unavailable_timeout
         self.subs: dict[str, _ShardSub] = {}
         self._queue: deque[Event] = deque()
-        self._held_acks: list[Iq] = []
+        self._held_acks: list[Inbound] = []
         self._wakeup = asyncio.Event()
         self._error: BaseException | None = None
         self._started = False
@@ -144,8 +127,8 @@ class WatchStream:
         self.client.watches.open.discard(self)
         for task in self._tasks:
             task.cancel()
-        for ack in self._held_acks:
-            ack.send()
+        for push in self._held_acks:
+            self.client.session.reply(push)
         self._held_acks.clear()
         for sub in self.subs.values():
             if sub.watch_id and sub.node_jid and self.client.session.online.is_set():
@@ -171,8 +154,8 @@ class WatchStream:
             if self._queue:
                 event = self._queue.popleft()
                 if self._held_acks and len(self._queue) < HIGH_WATER // 2:
-                    for ack in self._held_acks:
-                        ack.send()
+                    for push in self._held_acks:
+                        self.client.session.reply(push)
                     self._held_acks.clear()
                 return event
             if self._error is not None:
@@ -286,7 +269,7 @@ class WatchStream:
             sub.subscribing = False
         if sub.watch_id != watch_id:
             return  # lost again while subscribing
-        started = result["kv_watch"].int_attr("start-rev", 0)
+        started = wire.Watch(xml=payload_of(result)).int_attr("start-rev", 0)
         if sub.resume is None:
             sub.resume = started
         sub.lost_since = None
@@ -294,10 +277,11 @@ class WatchStream:
 
     # --- pushes -----------------------------------------------------------
 
-    def _on_push(self, sub: _ShardSub, payload: wire.Events, iq: Iq) -> None:
+    def _on_push(self, sub: _ShardSub, payload: wire.Events, push: Inbound) -> None:
+        session = self.client.session
         cancelled = payload.attr("cancelled")
         if cancelled:
-            answer(iq).send()
+            session.reply(push)
             self._unroute(sub)
             if cancelled == "compacted":
                 self._fail(Compacted(f"shard {sub.shard} compacted past revision {sub.resume}"))
@@ -316,9 +300,9 @@ class WatchStream:
             sub.resume = max(sub.resume or 0, rev + 1)
         self._wakeup.set()
         if len(self._queue) < HIGH_WATER:
-            answer(iq).send()
+            session.reply(push)
         else:
-            self._held_acks.append(answer(iq))
+            self._held_acks.append(push)
 
 
 class WatchRegistry:
@@ -329,8 +313,7 @@ class WatchRegistry:
         self.routes: dict[str, tuple[WatchStream, _ShardSub]] = {}
         """Watch id (on the node) -> the stream and shard subscription it feeds."""
         self.open: set[WatchStream] = set()
-        client.session.xmpp.register_handler(
-            Callback("kv pushes", _PushMatcher(), self._on_push))
+        client.session.route(_EVENTS_TAG, self._on_push)
         client.directory.listeners.append(self._on_node)
         client.session.on_stop.append(self._on_session_lost)
 
@@ -338,18 +321,21 @@ class WatchRegistry:
         for stream in list(self.open):
             await stream.close()
 
-    def _on_push(self, iq: Iq) -> None:
-        payload = iq["kv_events"]
+    def _on_push(self, push: Inbound) -> None:
+        payload = wire.Events(xml=push.payload)
         watch_id = payload.attr("watch") or ""
         stream, sub = self.routes.get(watch_id, (None, None))
         if stream is None or sub is None or sub.watch_id != watch_id or \
-                iq.xml.get("from") != sub.node_jid:
-            reply_error(iq, KvError(f"no watch {watch_id!r} here")).send()
+                push.sender != sub.node_jid:
+            self.client.session.reply_error(push, KvError(f"no watch {watch_id!r} here"))
+            return
+        if push.type != "set":
+            self.client.session.reply_error(push, BadRequest("pushes are IQ sets"))
             return
         try:
-            stream._on_push(sub, payload, iq)
+            stream._on_push(sub, payload, push)
         except KvError as error:
-            reply_error(iq, error).send()
+            self.client.session.reply_error(push, error)
 
     def _on_node(self, node: NodeInfo) -> None:
         for stream in list(self.open):

@@ -9,7 +9,13 @@ slixmpp ``ClientXMPP`` and adds what slixmpp leaves to the application:
 * a timeout on every wait, reported as :class:`~protocol.errors.Timeout`;
 * a clear error when the server is down or refuses the credentials;
 * reconnection with a short, capped back-off, and hooks that run after every
-  (re)connection so the roles above can restore their state.
+  (re)connection so the roles above can restore their state;
+* a fast lane: the IQs the store exchanges (requests, answers, pushes, pings)
+  are taken off the stream as raw XML before slixmpp wraps them in stanza
+  objects and matches them against every registered handler, and they are
+  sent as text built with ``str.replace`` escaping. Both cost more than the
+  rest of a request put together. Everything else (login, roster, presence,
+  disco) goes through slixmpp as usual.
 """
 
 from __future__ import annotations
@@ -25,12 +31,11 @@ from typing import Any
 from slixmpp import JID, ClientXMPP, Iq, Presence
 from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET, register_stanza_plugin
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher.base import MatcherBase
 
 from kvstore.config import ConnectionSettings
 from protocol import agent as agent_wire
 from protocol import stanza as wire
+from protocol import xmltext
 from protocol.errors import KvError, Timeout, Unavailable
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 CLIENT_NS = "jabber:client"
 IQ_TAG = f"{{{CLIENT_NS}}}iq"
 ERROR_TAG = f"{{{CLIENT_NS}}}error"
+_PING_TAG = "{urn:xmpp:ping}ping"
 
 Hook = Callable[[], Awaitable[None] | None]
 
@@ -58,17 +64,80 @@ def register_stanzas() -> None:
     register_stanza_plugin(Presence, wire.Shards)
 
 
-class _AnswerMatcher(MatcherBase):
-    """Matches IQ results and errors whose id is one of ours: one dict lookup."""
+class Inbound:
+    """An IQ for one of the session's routes: its raw XML and its payload element."""
 
-    def __init__(self, pending: dict[str, Any]) -> None:
-        super().__init__(None)
-        self.pending = pending
+    __slots__ = ("payload", "xml")
 
-    def match(self, stanza: Any) -> bool:
-        xml = stanza.xml
-        return (xml.tag == IQ_TAG and xml.get("type") in ("result", "error")
-                and xml.get("id") in self.pending)
+    def __init__(self, xml: ET.Element, payload: ET.Element) -> None:
+        self.xml = xml
+        self.payload = payload
+
+    @property
+    def sender(self) -> str:
+        return self.xml.get("from", "")
+
+    @property
+    def id(self) -> str:
+        return self.xml.get("id", "")
+
+    @property
+    def type(self) -> str:
+        return self.xml.get("type", "")
+
+
+class OutboundIq:
+    """An IQ request to send: recipient, type and payload (an element or its text)."""
+
+    __slots__ = ("payload", "to", "type")
+
+    def __init__(self, to: str, type_: str, payload: ET.Element | str | None) -> None:
+        self.to = to
+        self.type = type_
+        self.payload = payload
+
+
+Route = Callable[[Inbound], None]
+
+
+def _payload_text(payload: ET.Element | str | None) -> str:
+    if payload is None:
+        return ""
+    if isinstance(payload, str):
+        return payload
+    return xmltext.serialize(payload, CLIENT_NS)
+
+
+def payload_of(answer: ET.Element) -> ET.Element:
+    """The payload element of an IQ (an empty one if it has none)."""
+    for child in answer:
+        if child.tag != ERROR_TAG:
+            return child
+    return ET.Element("empty")
+
+
+def error_element(error: KvError) -> ET.Element:
+    """``<error/>``: the XMPP condition, a text, and the kvstore condition.
+
+    Built by hand: slixmpp's Error stanza only accepts the conditions it knows
+    and silently sends another one for the rest (policy-violation).
+    """
+    element = ET.Element(ERROR_TAG, {"type": error.xmpp_type})
+    ET.SubElement(element, f"{{{wire.STANZAS_NS}}}{error.xmpp_condition}")
+    text = ET.SubElement(element, f"{{{wire.STANZAS_NS}}}text")
+    text.text = str(error)[:1000]
+    element.append(wire.error_condition(error))
+    return element
+
+
+class _FastXMPP(ClientXMPP):
+    """slixmpp's client with the session's fast lane in front of its dispatcher."""
+
+    session: Session
+
+    def _spawn_event(self, xml: ET.Element) -> None:
+        if not self.session._dispatch(xml):
+            super()._spawn_event(xml)
 
 
 class Session:
@@ -81,7 +150,7 @@ class Session:
         if not jid.resource:
             jid.resource = resource or f"kv-{secrets.token_hex(4)}"
         self.reconnect = reconnect
-        self.xmpp = ClientXMPP(
+        self.xmpp = _FastXMPP(
             jid,
             settings.password,
             plugin_config={"feature_mechanisms": {
@@ -97,11 +166,12 @@ class Session:
         self.xmpp.auto_authorize = None  # subscription requests are the roles' decision
         self.xmpp.auto_subscribe = False
 
-        self._pending: dict[str, tuple[asyncio.Future[Iq], str | None]] = {}
+        self.xmpp.session = self
+        self._pending: dict[str, tuple[asyncio.Future[ET.Element], str | None]] = {}
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
-        self.xmpp.register_handler(Callback("kv answers", _AnswerMatcher(self._pending),
-                                            self._on_answer))
+        self.routes: dict[str, Route] = {_PING_TAG: self._on_ping}
+        """Payload tag -> handler, for IQ get/set taken off the fast lane."""
         self.xmpp.add_event_handler("session_start", self._on_session_start)
         self.xmpp.add_event_handler("connection_failed", self._on_connection_failed)
         self.xmpp.add_event_handler("failed_all_auth", self._on_auth_failed)
@@ -267,54 +337,79 @@ class Session:
         if sender is not None and not sender.done():
             sender.cancel()
 
-    # --- requests -------------------------------------------------------
+    # --- the fast lane ---------------------------------------------------
+
+    def route(self, tag: str, handler: Route) -> None:
+        """Hand IQ get/set stanzas whose payload is ``tag`` to ``handler``."""
+        self.routes[tag] = handler
+
+    def _dispatch(self, xml: ET.Element) -> bool:
+        """Take an incoming stanza if it is ours; False leaves it to slixmpp."""
+        if xml.tag != IQ_TAG:
+            return False
+        kind = xml.get("type")
+        if kind == "result" or kind == "error":
+            entry = self._pending.get(xml.get("id", ""))
+            if entry is None:
+                return False
+            self._on_answer(xml, *entry)
+            return True
+        if kind != "get" and kind != "set":
+            return False
+        for payload in xml:
+            handler = self.routes.get(payload.tag)
+            if handler is None:
+                return False
+            try:
+                handler(Inbound(xml, payload))
+            except Exception:
+                log.exception("handling <%s/> failed", payload.tag)
+            return True
+        return False
+
+    def _on_ping(self, request: Inbound) -> None:
+        self.reply(request)
 
     def new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
 
-    def iq(self, to: str | JID, type_: str, payload: ET.Element | None = None) -> Iq:
-        iq = self.xmpp.Iq()
-        iq["to"] = to
-        iq["type"] = type_
-        if payload is not None:
-            iq.xml.append(payload)
-        return iq
+    def iq(self, to: str | JID, type_: str,
+           payload: ET.Element | str | None = None) -> OutboundIq:
+        return OutboundIq(str(to), type_, payload)
 
-    async def request(self, iq: Iq, timeout: float | None = None) -> Iq:
-        """Send ``iq`` and return its result; raise the error it got, or Timeout."""
+    async def request(self, iq: OutboundIq, timeout: float | None = None) -> ET.Element:
+        """Send ``iq`` and return its answer's XML; raise the error it got, or Timeout."""
         timeout = timeout or self.settings.timeout
         if not self.online.is_set():
             await self.wait_online(timeout)
         return await self.send_iq(iq, timeout)
 
-    def send_iq(self, iq: Iq, timeout: float) -> asyncio.Future[Iq]:
-        """Send ``iq`` now; the future gets its result, its error, or Timeout."""
-        iq_id = self.new_id()
-        iq.xml.set("id", iq_id)
+    def send_iq(self, iq: OutboundIq, timeout: float) -> asyncio.Future[ET.Element]:
+        """Send ``iq`` now; the future gets its answer's XML, its error, or Timeout."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Iq] = loop.create_future()
-        to = iq.xml.get("to")
-        if not self.online.is_set():
+        future: asyncio.Future[ET.Element] = loop.create_future()
+        if not self.online.is_set() or self.xmpp.transport is None:
             future.set_exception(Unavailable(f"not connected to {self.address}"))
             return future
-        self._pending[iq_id] = (future, to)
-        timer = loop.call_later(timeout, _expire, future, to, timeout)
+        iq_id = self.new_id()
+        self._pending[iq_id] = (future, iq.to)
+        timer = loop.call_later(timeout, _expire, future, iq.to, timeout)
 
-        def settled(_: asyncio.Future[Iq]) -> None:
+        def settled(_: asyncio.Future[ET.Element]) -> None:
             timer.cancel()
             self._pending.pop(iq_id, None)
 
         future.add_done_callback(settled)
-        self.xmpp.send(iq)
+        self.xmpp.send_raw(
+            f"<iq type='{iq.type}' id='{iq_id}' to='{xmltext.escape_attribute(iq.to)}'>"
+            f"{_payload_text(iq.payload)}</iq>"
+        )
         return future
 
-    def _on_answer(self, stanza: Iq) -> None:
-        xml = stanza.xml
-        entry = self._pending.get(xml.get("id", ""))
-        if entry is None:
-            return
-        future, expected = entry
-        if expected is not None and JID(xml.get("from", "")) != JID(expected):
+    def _on_answer(self, xml: ET.Element, future: asyncio.Future[ET.Element],
+                   expected: str | None) -> None:
+        if expected is not None and xml.get("from") != expected and \
+                JID(xml.get("from", "")) != JID(expected):
             log.warning("dropping an answer to %s from %s, sent to %s",
                         xml.get("id"), xml.get("from"), expected)
             return
@@ -322,7 +417,7 @@ class Session:
         if future.done():
             return
         if xml.get("type") == "result":
-            future.set_result(stanza)
+            future.set_result(xml)
         else:
             future.set_exception(wire.parse_error(xml.find(ERROR_TAG)))
 
@@ -332,6 +427,21 @@ class Session:
         for future, _ in pending:
             if not future.done():
                 future.set_exception(type(error)(str(error)))
+
+    def reply(self, request: Inbound, payload: ET.Element | str | None = None,
+              type_: str = "result") -> None:
+        """Answer ``request`` (dropped quietly if the connection is gone)."""
+        if self.xmpp.transport is None:
+            return
+        to = request.sender
+        recipient = f" to='{xmltext.escape_attribute(to)}'" if to else ""
+        self.xmpp.send_raw(
+            f"<iq type='{type_}' id='{xmltext.escape_attribute(request.id)}'{recipient}>"
+            f"{_payload_text(payload)}</iq>"
+        )
+
+    def reply_error(self, request: Inbound, error: KvError) -> None:
+        self.reply(request, error_element(error), "error")
 
     def send(self, stanza: Any) -> None:
         self.xmpp.send(stanza)
@@ -371,30 +481,3 @@ async def create_account(settings: ConnectionSettings, timeout: float = 10.0) ->
 def _expire(future: asyncio.Future[Any], to: str | None, timeout: float) -> None:
     if not future.done():
         future.set_exception(Timeout(f"no answer from {to or 'the server'} within {timeout:g}s"))
-
-
-def answer(iq: Iq, payload: ET.Element | None = None, type_: str = "result") -> Iq:
-    """A fresh answer to ``iq`` (cheaper than ``iq.reply()``, which deep-copies it)."""
-    reply = Iq(iq.stream)
-    xml = reply.xml
-    xml.set("type", type_)
-    xml.set("id", iq.xml.get("id", ""))
-    sender = iq.xml.get("from")
-    if sender:
-        xml.set("to", sender)
-    if payload is not None:
-        xml.append(payload)
-    return reply
-
-
-def reply_error(iq: Iq, error: KvError) -> Iq:
-    """An error answer to ``iq``: the XMPP condition plus the kvstore one."""
-    reply = answer(iq, type_="error")
-    # Built by hand: slixmpp's Error stanza only accepts the conditions it
-    # knows, and silently sends another one for the rest (policy-violation).
-    element = ET.SubElement(reply.xml, ERROR_TAG, {"type": error.xmpp_type})
-    ET.SubElement(element, f"{{{wire.STANZAS_NS}}}{error.xmpp_condition}")
-    text = ET.SubElement(element, f"{{{wire.STANZAS_NS}}}text")
-    text.text = str(error)[:1000]
-    element.append(wire.error_condition(error))
-    return reply

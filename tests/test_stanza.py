@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from slixmpp import Iq
 from slixmpp.xmlstream import ET
 
-from kvstore.xmpp import reply_error
-from protocol import errors
+from kvstore import xmpp
+from protocol import errors, xmltext
 from protocol import stanza as wire
 from protocol.errors import (
     BadRequest,
@@ -251,11 +250,10 @@ def test_shard_list_round_trip() -> None:
 
 
 def error_element(error: KvError) -> ET.Element:
-    """The ``<error/>`` a storage node sends for ``error`` (kvstore.xmpp.reply_error)."""
-    request = Iq()
-    request["type"] = "get"
-    request["id"] = "r1"
-    element = reparse(reply_error(request, error).xml).find("{jabber:client}error")
+    """The ``<error/>`` a storage node sends for ``error``, as it arrives on the wire."""
+    text = xmltext.serialize(xmpp.error_element(error), "jabber:client")
+    element = ET.fromstring(f"<iq xmlns='jabber:client'>{text}</iq>").find(
+        "{jabber:client}error")
     assert element is not None
     return element
 
