@@ -45,7 +45,8 @@ GROUP_PREFIX = "group:"
 
 
 def bare(jid: str) -> str:
-    return jid.split("/", 1)[0].lower()
+    slash = jid.find("/")
+    return (jid if slash < 0 else jid[:slash]).lower()
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class Policy:
         self.members: dict[str, set[str]] = {}
         self.loaded = False
         """True once rules were read from the store (until then: the config's alone)."""
+        self._groups_cache: dict[str, frozenset[str]] = {}
+        """Bare JID -> its groups; every request asks, and patterns cost a match each."""
 
     @property
     def enabled(self) -> bool:
@@ -139,15 +142,22 @@ class Policy:
             except (ValueError, AttributeError, TypeError) as error:
                 log.warning("ignoring a malformed ACL entry %s: %s", entry.key, error)
         self.rules, self.members, self.loaded = rules, members, True
+        self._groups_cache = {}
 
     # --- who is who -------------------------------------------------------
 
-    def groups_of(self, jid: str) -> set[str]:
+    def groups_of(self, jid: str) -> frozenset[str]:
         who = bare(jid)
+        cached = self._groups_cache.get(who)
+        if cached is not None:
+            return cached
         found = {g for g, members in self.members.items() if who in members}
         found.update(g for g, patterns in self.settings.groups.items()
                      if any(fnmatch.fnmatchcase(who, p.lower()) for p in patterns))
-        return found
+        if len(self._groups_cache) > 10_000:
+            self._groups_cache.clear()
+        self._groups_cache[who] = frozenset(found)
+        return self._groups_cache[who]
 
     def is_peer(self, jid: str) -> bool:
         return bare(jid) in self.peers

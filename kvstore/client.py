@@ -374,8 +374,8 @@ class Client:
         parsed = []
         for item in answer.results():
             if isinstance(item, dict):
-                parsed.append(PutResult(item["rev"] or 0, item["version"] or 0,
-                                        item["create-rev"] or 0, item["mod-rev"] or 0, shard))
+                parsed.append(PutResult(rev, item["version"], item["create-rev"],
+                                        item["mod-rev"], shard))
             else:
                 parsed.append(item)
         return TxnResult(answer.attr("succeeded") == "true", rev, parsed, shard)

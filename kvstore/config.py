@@ -148,7 +148,9 @@ class Limits:
     max_key_bytes: int = keys.DEFAULT_LIMITS.max_bytes
     max_depth: int = keys.DEFAULT_LIMITS.max_depth
     max_page: int = 1000
-    """Most items or names one answer carries; clients page for more."""
+    """Most items one answer carries; clients page for more."""
+    max_list_page: int = 10_000
+    """Most child names one list answer carries (names are small)."""
     max_stanza_bytes: int = 200_000
     """Budget for one answer's payload, below the server's stanza size limit."""
     max_txn_ops: int = 1000
@@ -159,8 +161,8 @@ class Limits:
             raise ConfigError("limits.max_key_bytes must be between 1 and 511 (LMDB's limit)")
         if self.max_value_bytes < 0 or self.max_value_bytes > 180_000:
             raise ConfigError("limits.max_value_bytes must be between 0 and 180000")
-        if self.max_depth < 1 or self.max_page < 1:
-            raise ConfigError("limits.max_depth and limits.max_page must be positive")
+        if self.max_depth < 1 or self.max_page < 1 or self.max_list_page < 1:
+            raise ConfigError("limits.max_depth, max_page and max_list_page must be positive")
 
     @property
     def key_limits(self) -> keys.KeyLimits:

@@ -327,10 +327,10 @@ class StorageNode:
             raise BadRequest("the request has no key attribute")
         return keys.validate(key, self.key_limits, allow_root=allow_root)
 
-    def _page_limit(self, element: ET.Element) -> int:
-        limit = wire.parse_int(element.get("limit"), "limit", default=self.limits.max_page,
-                               minimum=1)
-        return min(limit or self.limits.max_page, self.limits.max_page)
+    def _page_limit(self, element: ET.Element, most: int | None = None) -> int:
+        most = most or self.limits.max_page
+        limit = wire.parse_int(element.get("limit"), "limit", default=most, minimum=1)
+        return min(limit or most, most)
 
     # --- reads ----------------------------------------------------------
 
@@ -368,9 +368,9 @@ class StorageNode:
         after = element.get("after")
         if after is not None and (not after or "/" in after):
             raise BadRequest(f"'after' must be a child name, not {after!r}")
-        names, more, rev = self.engine.children(shard, key, limit=self._page_limit(element),
-                                                after=after,
-                                                max_bytes=self.limits.max_stanza_bytes)
+        names, more, rev = self.engine.children(
+            shard, key, limit=self._page_limit(element, self.limits.max_list_page),
+            after=after, max_bytes=self.limits.max_stanza_bytes)
         visible = self.policy.reader(request.sender)
         result = wire.ListChildren()
         result.set_attrs(rev=rev, more=more)

@@ -216,9 +216,9 @@ def _item_size(raw_key: bytes, value_bytes: int) -> int:
 
 
 def _name_size(name: bytes) -> int:
-    """Bytes a child name takes in a list answer: ``<child name='...'/>``, XML-escaped."""
+    """Bytes a child name takes in a list answer: the name XML-escaped, and a ``/``."""
     escapes = 4 * name.count(b"&") + 3 * (name.count(b"<") + name.count(b">"))
-    return len(name) + escapes + 5 * (name.count(b'"') + name.count(b"'")) + 24
+    return len(name) + escapes + 1
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ import binascii
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import msgpack
 from slixmpp.xmlstream import ET, ElementBase
 
 from protocol import model
@@ -28,7 +29,6 @@ NS = "urn:x-kvstore:1"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 _ITEM = f"{{{NS}}}item"
-_CHILD = f"{{{NS}}}child"
 _SHARD = f"{{{NS}}}shard"
 _EVENT = f"{{{NS}}}event"
 _PREV = f"{{{NS}}}prev"
@@ -193,7 +193,9 @@ class ListChildren(KvElement):
     """List the direct children of a key, by name, sorted, paginated.
 
     Request attributes: key, shard, after (a child name), limit. Result: rev,
-    more, and ``<child name='...'/>`` elements.
+    more, and as text the names joined by ``/`` (the one character no name
+    contains): ten thousand names are one text node, not ten thousand
+    elements for the server to parse and rebuild.
     """
 
     name = "list"
@@ -201,11 +203,11 @@ class ListChildren(KvElement):
     interfaces = {"key", "shard", "after", "limit", "rev", "more"}
 
     def add_children(self, names: Iterable[str]) -> None:
-        for name in names:
-            ET.SubElement(self.xml, _CHILD, {"name": name})
+        self.xml.text = "/".join(names) or None
 
     def children(self) -> list[str]:
-        return [child.get("name", "") for child in self.xml if child.tag == _CHILD]
+        text = self.xml.text
+        return text.split("/") if text else []
 
 
 class ShardList(KvElement):
@@ -312,58 +314,75 @@ class Events(KvElement):
         return [parse_event(child, shard) for child in self.xml if child.tag == _EVENT]
 
 
-_COMPARE = f"{{{NS}}}compare"
-_SUCCESS = f"{{{NS}}}success"
-_FAILURE = f"{{{NS}}}failure"
-_PUT = f"{{{NS}}}put"
-_DELETE = f"{{{NS}}}delete"
-_GET = f"{{{NS}}}get"
+def _pack(value: Any) -> str:
+    return encode_value(msgpack.packb(value, use_bin_type=True))
 
 
-def _step_element(step: model.TxnOp) -> ET.Element:
+def _unpack(text: str | None) -> Any:
+    try:
+        return msgpack.unpackb(decode_value(text), raw=False)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
+        raise BadRequest(f"transaction payload is not valid msgpack: {exc}") from None
+
+
+def _step_to_wire(step: model.TxnOp) -> list[Any]:
     if isinstance(step, model.Put):
-        element = ET.Element(_PUT, {"key": step.key})
-        if step.ephemeral:
-            element.set("ephemeral", "true")
-        if step.value:
-            element.text = encode_value(step.value)
-        return element
+        return ["put", step.key, step.value, step.ephemeral]
     if isinstance(step, model.Delete):
-        element = ET.Element(_DELETE, {"key": step.key})
-    else:
-        element = ET.Element(_GET, {"key": step.key})
-        if step.limit is not None:
-            element.set("limit", str(step.limit))
-    if step.prefix:
-        element.set("prefix", "true")
-    return element
+        return ["delete", step.key, step.prefix]
+    return ["get", step.key, step.prefix, step.limit]
 
 
-def _parse_step(element: ET.Element) -> model.TxnOp:
-    key = element.get("key")
-    if not key:
-        raise BadRequest("a transaction step has no key")
-    if element.tag == _PUT:
-        return model.Put(key, decode_value(element.text),
-                         parse_bool(element.get("ephemeral"), "ephemeral"))
-    prefix = parse_bool(element.get("prefix"), "prefix")
-    if element.tag == _DELETE:
-        return model.Delete(key, prefix)
-    if element.tag == _GET:
-        return model.Get(key, prefix, parse_int(element.get("limit"), "limit", minimum=1))
-    raise BadRequest(f"a transaction step must be put, delete or get, not {element.tag}")
+def _step_from_wire(raw: Any) -> model.TxnOp:
+    try:
+        kind, key, *rest = raw
+        if not isinstance(key, str) or not key:
+            raise TypeError("key")
+        if kind == "put":
+            value, ephemeral = rest
+            if not isinstance(value, bytes):
+                raise TypeError("value")
+            return model.Put(key, value, bool(ephemeral))
+        if kind == "delete":
+            (prefix,) = rest
+            return model.Delete(key, bool(prefix))
+        if kind == "get":
+            prefix, limit = rest
+            if limit is not None and (not isinstance(limit, int) or limit < 1):
+                raise TypeError("limit")
+            return model.Get(key, bool(prefix), limit)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"malformed transaction step {raw!r:.80}: {exc}") from None
+    raise BadRequest(f"a transaction step is put, delete or get, not {kind!r:.20}")
+
+
+def _compare_from_wire(raw: Any) -> model.Compare:
+    try:
+        key, target, op, value = raw
+    except (TypeError, ValueError):
+        raise BadRequest(f"malformed compare {raw!r:.80}") from None
+    if not isinstance(key, str) or not key or target not in model.COMPARE_TARGETS or \
+            op not in model.COMPARE_OPS or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"bad compare {raw!r:.80}")
+    return model.Compare(key, target, op, value)
 
 
 class Txn(KvElement):
-    """A transaction within one shard (etcd's Txn).
+    """A transaction within one shard (etcd's Txn), its body in msgpack.
 
-    ``<compare key= target='version|mod-rev|create-rev' op='=|!=|<|>' value=/>``
-    elements, then ``<success>`` and ``<failure>`` holding ``<put>``,
-    ``<delete>`` and ``<get>`` steps. If every compare holds the success steps
-    run, else the failure steps; their writes share one revision. The result
-    carries ``rev`` and ``succeeded``, then one element per step run: ``<put
-    rev= version= create-rev= mod-rev=/>``, ``<delete deleted=/>``, ``<get>``
-    with items.
+    The text is base64 of a msgpack map: ``compare`` (a list of ``[key,
+    target, op, value]`` with target version, mod-rev or create-rev and op
+    ``=``, ``!=``, ``<`` or ``>``), ``success`` and ``failure`` (lists of
+    steps ``["put", key, value, ephemeral]``, ``["delete", key, prefix]``,
+    ``["get", key, prefix, limit]``). If every compare holds the success steps
+    run, else the failure steps; their writes share one revision. The answer
+    carries ``rev`` and ``succeeded`` attributes and, as its text, a msgpack
+    list with one result per step run: ``["put", version, create_rev,
+    mod_rev]``, ``["delete", count]``, ``["get", [[key, value, version,
+    create_rev, mod_rev], ...]]``. msgpack rather than one element per step:
+    a batch of 100 puts is then one text node for the server to route, not
+    a hundred elements to parse and rebuild.
     """
 
     name = "txn"
@@ -372,58 +391,49 @@ class Txn(KvElement):
 
     def set_request(self, compares: Iterable[model.Compare], success: Iterable[model.TxnOp],
                     failure: Iterable[model.TxnOp]) -> None:
-        for compare in compares:
-            ET.SubElement(self.xml, _COMPARE, {"key": compare.key, "target": compare.target,
-                                               "op": compare.op, "value": str(compare.value)})
-        for tag, steps in ((_SUCCESS, success), (_FAILURE, failure)):
-            branch = ET.SubElement(self.xml, tag)
-            for step in steps:
-                branch.append(_step_element(step))
+        self.xml.text = _pack({
+            "compare": [[c.key, c.target, c.op, c.value] for c in compares],
+            "success": [_step_to_wire(step) for step in success],
+            "failure": [_step_to_wire(step) for step in failure],
+        })
 
     def request(self) -> tuple[list[model.Compare], list[model.TxnOp], list[model.TxnOp]]:
-        compares: list[model.Compare] = []
-        success: list[model.TxnOp] = []
-        failure: list[model.TxnOp] = []
-        for child in self.xml:
-            if child.tag == _COMPARE:
-                target, op = child.get("target", "version"), child.get("op", "=")
-                if target not in model.COMPARE_TARGETS or op not in model.COMPARE_OPS:
-                    raise BadRequest(f"bad compare: {target!r} {op!r}")
-                key = child.get("key")
-                if not key:
-                    raise BadRequest("a compare has no key")
-                value = parse_int(child.get("value"), "value", default=0, minimum=0) or 0
-                compares.append(model.Compare(key, target, op, value))
-            elif child.tag in (_SUCCESS, _FAILURE):
-                steps = [_parse_step(step) for step in child]
-                (success if child.tag == _SUCCESS else failure).extend(steps)
-            else:
-                raise BadRequest(f"unexpected element in a transaction: {child.tag}")
-        return compares, success, failure
+        body = _unpack(self.xml.text)
+        if not isinstance(body, dict):
+            raise BadRequest("a transaction body is a map")
+        unknown = set(body) - {"compare", "success", "failure"}
+        if unknown:
+            raise BadRequest(f"unknown transaction fields {sorted(map(str, unknown))}")
+        lists = [body.get(name) or [] for name in ("compare", "success", "failure")]
+        if not all(isinstance(items, list) for items in lists):
+            raise BadRequest("compare, success and failure are lists")
+        return ([_compare_from_wire(c) for c in lists[0]],
+                [_step_from_wire(s) for s in lists[1]],
+                [_step_from_wire(s) for s in lists[2]])
 
     def add_results(self, results: Iterable[Any], *, rev: int) -> None:
+        packed: list[Any] = []
         for result in results:
             if isinstance(result, KeyValue):
-                ET.SubElement(self.xml, _PUT, {
-                    "rev": str(rev), "version": str(result.version),
-                    "create-rev": str(result.create_rev), "mod-rev": str(result.mod_rev)})
+                packed.append(["put", result.version, result.create_rev, result.mod_rev])
             elif isinstance(result, int):
-                ET.SubElement(self.xml, _DELETE, {"deleted": str(result)})
+                packed.append(["delete", result])
             else:
-                found = ET.SubElement(self.xml, _GET)
-                for kv in result:
-                    found.append(item_element(kv))
+                packed.append(["get", [[kv.key, kv.value, kv.version, kv.create_rev,
+                                        kv.mod_rev] for kv in result]])
+        self.xml.text = _pack(packed)
 
     def results(self) -> list[Any]:
         parsed: list[Any] = []
-        for child in self.xml:
-            if child.tag == _PUT:
-                parsed.append({name: parse_int(child.get(name), name, default=0)
-                               for name in ("rev", "version", "create-rev", "mod-rev")})
-            elif child.tag == _DELETE:
-                parsed.append(parse_int(child.get("deleted"), "deleted", default=0))
-            elif child.tag == _GET:
-                parsed.append([parse_item(item) for item in child if item.tag == _ITEM])
+        for entry in _unpack(self.xml.text) or []:
+            kind = entry[0]
+            if kind == "put":
+                parsed.append(dict(zip(("version", "create-rev", "mod-rev"), entry[1:],
+                                       strict=True)))
+            elif kind == "delete":
+                parsed.append(entry[1])
+            else:
+                parsed.append([KeyValue(k, v, ver, c, m) for k, v, ver, c, m in entry[1]])
         return parsed
 
 
