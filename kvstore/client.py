@@ -21,6 +21,7 @@ from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings, load_connection
 from kvstore.directory import HARD_VALUE_LIMIT, Directory, NodeInfo
+from kvstore.lease import Lease
 from kvstore.watch_stream import WatchRegistry, WatchStream
 from kvstore.xmpp import Session, payload_of
 from protocol import keys
@@ -277,14 +278,19 @@ class Client:
 
     # --- writes ---------------------------------------------------------
 
+    def lease(self, ttl: int) -> Lease:
+        """A lease of ``ttl`` seconds for ``put(..., lease=...)``; see :mod:`kvstore.lease`."""
+        return Lease(self, ttl)
+
     async def put(self, key: str, value: bytes | str, *, if_version: int | None = None,
                   if_mod_rev: int | None = None, ephemeral: bool = False,
-                  timeout: float | None = None) -> PutResult:
+                  lease: Lease | None = None, timeout: float | None = None) -> PutResult:
         """Write ``value``; with ``if_version``/``if_mod_rev`` only if the key still matches.
 
         ``if_version=0`` creates the key only if it does not exist. A failed
         compare raises VersionMismatch. ``ephemeral`` binds the key to this
-        session: the node deletes it when the session ends.
+        session: the node deletes it when the session ends. ``lease`` binds it
+        to a lease instead: the node deletes it when the lease runs out.
         """
         keys.validate(key, CLIENT_KEY_LIMITS)
         data = _to_bytes(value)
@@ -295,11 +301,12 @@ class Client:
             raise ValueTooLarge(
                 f"the value is {len(data)} bytes, over the limit of {node.max_value}",
                 limit=node.max_value)
+        lease_id = await lease.id_on(node, timeout) if lease is not None else None
 
         def make(shard: str) -> wire.Put:
             request = wire.Put()
             request.set_attrs(key=key, shard=shard, if_version=if_version,
-                              if_mod_rev=if_mod_rev, ephemeral=ephemeral)
+                              if_mod_rev=if_mod_rev, ephemeral=ephemeral, lease=lease_id)
             request.value = data
             return request
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from slixmpp import JID, Presence
@@ -39,9 +41,11 @@ from kvstore.storage import (
     DeleteEphemeralOp,
     DeleteOp,
     Engine,
+    LeaseOp,
     PutOp,
     Retention,
     TxnOp,
+    lease_owner,
 )
 from kvstore.watch_hub import WatchHub, WatchLimits
 from kvstore.xmpp import IQ_TAG, Inbound, Session
@@ -52,6 +56,7 @@ from protocol.errors import (
     Forbidden,
     KeyNotFound,
     KvError,
+    LeaseNotFound,
     NotOwner,
     ResourceLimit,
     Unavailable,
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 _NS_PREFIX = f"{{{wire.NS}}}"
 _EVENTS_TAG = f"{{{wire.NS}}}events"
 MAX_QUEUED_WRITES = 50_000
+MAX_LEASE_TTL = 86_400
 
 
 class _RequestMatcher(MatcherBase):
@@ -80,6 +86,15 @@ class _RequestMatcher(MatcherBase):
             # <events/> are pushes to the node's own watches (as a client).
             return child.tag.startswith(_NS_PREFIX) and child.tag != _EVENTS_TAG
         return False
+
+
+@dataclass(eq=False)
+class LeaseState:
+    id: str
+    ttl: float
+    grantor: str
+    deadline: float
+    """time.monotonic() past which the lease expires unless kept alive."""
 
 
 class StorageNode:
@@ -113,8 +128,15 @@ class StorageNode:
         self.started = time.time()
         self.peers: set[str] = set()
         """Full JIDs whose available presence the node has seen."""
-        self.holders: set[str] = set(self.engine.ephemeral_owners())
+        self.holders: set[str] = {owner for owner in self.engine.ephemeral_owners()
+                                  if not owner.startswith("lease:")}
         """Sessions (full JIDs) that hold ephemeral keys here."""
+        now = time.monotonic()
+        self.leases: dict[str, LeaseState] = {
+            lease_id: LeaseState(lease_id, ttl, grantor, now + ttl)
+            for lease_id, (ttl, grantor) in self.engine.leases().items()
+        }
+        """Leases granted here; after a restart each gets its full time again."""
         self._expiring: dict[str, asyncio.TimerHandle] = {}
         self._handlers = {
             ("get", "get"): self._on_get,
@@ -125,6 +147,7 @@ class StorageNode:
             ("set", "watch"): self._on_watch,
             ("set", "cancel"): self._on_cancel,
             ("set", "txn"): self._on_txn,
+            ("set", "lease"): self._on_lease,
         }
         for _type, name in self._handlers:
             self.session.route(f"{_NS_PREFIX}{name}", self._on_request)
@@ -152,6 +175,7 @@ class StorageNode:
         await self.session.start()
         self._tasks.append(asyncio.ensure_future(self._compact_loop()))
         self._tasks.append(asyncio.ensure_future(self._ping_loop()))
+        self._tasks.append(asyncio.ensure_future(self._lease_loop()))
         self._tasks.append(asyncio.ensure_future(self._follow_acl()))
         self.hub.start()
         log.info("serving %s as %s", ", ".join(self.own_shards), self.jid)
@@ -411,6 +435,11 @@ class StorageNode:
         if_version, if_mod_rev = self._compares(element)
         ephemeral = request.sender if wire.parse_bool(element.get("ephemeral"),
                                                        "ephemeral") else None
+        lease_id = element.get("lease")
+        if lease_id is not None:
+            if ephemeral:
+                raise BadRequest("a key is bound to a session or to a lease, not both")
+            ephemeral = lease_owner(self._lease(request, lease_id).id)
         self._require(request, acl.WRITE, key)
         sender = self._admit(request)
         op = PutOp(shard, key, value, if_version, if_mod_rev, ephemeral)
@@ -423,7 +452,7 @@ class StorageNode:
         if outcome is None:
             return
         kv = outcome.kv
-        if kv.ephemeral:
+        if kv.ephemeral and not kv.ephemeral.startswith("lease:"):
             self.holders.add(kv.ephemeral)
         result = wire.Put()
         result.set_attrs(rev=outcome.rev, version=kv.version, create_rev=kv.create_rev,
@@ -508,7 +537,8 @@ class StorageNode:
         if outcome is None:
             return
         for result in outcome.results or []:
-            if isinstance(result, KeyValue) and result.ephemeral:
+            if isinstance(result, KeyValue) and result.ephemeral and \
+                    not result.ephemeral.startswith("lease:"):
                 self.holders.add(result.ephemeral)
         visible = self.policy.reader(request.sender)
         results = [[kv for kv in r if visible(kv.key)] if isinstance(r, list) else r
@@ -555,6 +585,66 @@ class StorageNode:
         result = wire.Cancel()
         result.set_attrs(id=watch_id, found=found)
         self.session.reply(request, result.xml)
+
+    # --- leases -----------------------------------------------------------
+
+    def _lease(self, request: Inbound, lease_id: str) -> LeaseState:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r} here (expired or revoked?)")
+        if acl.bare(lease.grantor) != acl.bare(request.sender):
+            raise Forbidden(f"lease {lease_id} belongs to {acl.bare(lease.grantor)}")
+        return lease
+
+    def _on_lease(self, request: Inbound, element: ET.Element) -> None:
+        action = element.get("action")
+        result = wire.Lease()
+        if action == "grant":
+            ttl = wire.parse_int(element.get("ttl"), "ttl", minimum=1)
+            if ttl is None or ttl > MAX_LEASE_TTL:
+                raise BadRequest(f"a lease needs a ttl of 1 to {MAX_LEASE_TTL} seconds")
+            lease = LeaseState(secrets.token_hex(8), float(ttl), request.sender,
+                               time.monotonic() + ttl)
+
+            def granted(done: asyncio.Future[Any]) -> None:
+                if self._outcome(request, done) is None:
+                    return
+                self.leases[lease.id] = lease
+                result.set_attrs(action="grant", id=lease.id, ttl=ttl)
+                self.session.reply(request, result.xml)
+
+            op = LeaseOp(lease.id, grant=True, ttl=lease.ttl, grantor=request.sender)
+            self.committer.submit(op).add_done_callback(granted)
+            return
+        lease = self._lease(request, element.get("id") or "")
+        if action == "keepalive":
+            lease.deadline = time.monotonic() + lease.ttl
+            result.set_attrs(action="keepalive", id=lease.id, ttl=int(lease.ttl))
+            self.session.reply(request, result.xml)
+        elif action == "revoke":
+            future = self._revoke(lease.id)
+
+            def revoked(done: asyncio.Future[Any]) -> None:
+                outcome = self._outcome(request, done)
+                if outcome is not None:
+                    result.set_attrs(action="revoke", id=lease.id, deleted=outcome.deleted)
+                    self.session.reply(request, result.xml)
+
+            future.add_done_callback(revoked)
+        else:
+            raise BadRequest(f"a lease action is grant, keepalive or revoke, not {action!r}")
+
+    def _revoke(self, lease_id: str) -> asyncio.Future[Any]:
+        self.leases.pop(lease_id, None)
+        return self.committer.submit(LeaseOp(lease_id, grant=False))
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for lease in [lease for lease in self.leases.values() if lease.deadline < now]:
+                log.info("lease %s of %s expired", lease.id, lease.grantor)
+                self._revoke(lease.id).add_done_callback(_log_failure)
 
     # --- ephemeral keys ---------------------------------------------------
     #

@@ -95,6 +95,21 @@ class DeleteEphemeralOp:
 
 
 @dataclass(slots=True)
+class LeaseOp:
+    """Grant a lease (durably: it survives a restart), or revoke it with its keys."""
+
+    lease_id: str
+    grant: bool
+    ttl: float = 0.0
+    grantor: str = ""
+
+
+def lease_owner(lease_id: str) -> str:
+    """The owner recorded on keys bound to a lease (ephemeral keys record a full JID)."""
+    return f"lease:{lease_id}"
+
+
+@dataclass(slots=True)
 class TxnOp:
     """etcd's transaction within one shard: if every compare holds, run
     ``success``, else ``failure``; all the writes share one revision."""
@@ -109,7 +124,7 @@ class TxnOp:
     """Most records one get step returns."""
 
 
-WriteOp = PutOp | DeleteOp | CompactOp | DeleteEphemeralOp | TxnOp
+WriteOp = PutOp | DeleteOp | CompactOp | DeleteEphemeralOp | TxnOp | LeaseOp
 
 
 @dataclass(slots=True)
@@ -464,6 +479,18 @@ class Engine:
                 "keys": txn.stat(db)["entries"],
             }
 
+    def leases(self) -> dict[str, tuple[float, str]]:
+        """Every lease granted and not revoked: id -> (ttl, grantor)."""
+        found = {}
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._meta)
+            ok = cursor.set_range(b"lease:")
+            while ok and cursor.key().startswith(b"lease:"):
+                ttl, grantor = msgpack.unpackb(cursor.value())
+                found[cursor.key()[6:].decode()] = (ttl, grantor)
+                ok = cursor.next()
+        return found
+
     def ephemeral_owners(self) -> list[str]:
         """Every session that holds ephemeral keys (for liveness checks after a restart)."""
         owners: list[str] = []
@@ -551,6 +578,8 @@ class _Batch:
                 return self._delete_ephemeral(op)
             if isinstance(op, TxnOp):
                 return self._txn(op)
+            if isinstance(op, LeaseOp):
+                return self._lease(op)
             raise BadRequest(f"unknown write op {type(op).__name__}")
         except KvError as error:
             return Outcome(error=error)
@@ -760,6 +789,14 @@ class _Batch:
                 deleted += len(doomed)
         changes = [self._log(op.shard, rev, events)] if events else []
         return Outcome(changes=changes, deleted=deleted, succeeded=succeeded, results=results)
+
+    def _lease(self, op: LeaseOp) -> Outcome:
+        name = b"lease:" + op.lease_id.encode()
+        if op.grant:
+            self.txn.put(name, msgpack.packb((op.ttl, op.grantor)), db=self.engine._meta)
+            return Outcome()
+        self.txn.delete(name, db=self.engine._meta)
+        return self._delete_ephemeral(DeleteEphemeralOp(lease_owner(op.lease_id)))
 
     def _compact(self, op: CompactOp) -> Outcome:
         db = self.engine._log[op.shard]

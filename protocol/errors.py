@@ -36,6 +36,12 @@ class KeyNotFound(KvError):
     xmpp_condition = "item-not-found"
 
 
+class LeaseNotFound(KeyNotFound):
+    """The lease expired, was revoked, or never existed on this node."""
+
+    condition = "lease-not-found"
+
+
 class VersionMismatch(KvError):
     """A compare failed; ``details`` carries the key's current version and mod-rev."""
 
@@ -137,6 +143,7 @@ CONDITIONS: dict[str, type[KvError]] = {
     for cls in (
         KvError,
         KeyNotFound,
+        LeaseNotFound,
         VersionMismatch,
         NotOwner,
         Unavailable,

@@ -169,8 +169,8 @@ class Put(KvElement):
 
     name = "put"
     plugin_attrib = "kv_put"
-    interfaces = {"key", "shard", "if-version", "if-mod-rev", "ephemeral", "rev", "version",
-                  "create-rev", "mod-rev"}
+    interfaces = {"key", "shard", "if-version", "if-mod-rev", "ephemeral", "lease", "rev",
+                  "version", "create-rev", "mod-rev"}
 
     @property
     def value(self) -> bytes:
@@ -314,6 +314,21 @@ class Events(KvElement):
         return [parse_event(child, shard) for child in self.xml if child.tag == _EVENT]
 
 
+class Lease(KvElement):
+    """A lease: keys bound to it die when its holder stops refreshing it.
+
+    ``<lease action='grant' ttl='10'/>`` answers ``<lease id='..' ttl='10'/>``;
+    ``action='keepalive' id=..`` restarts its clock; ``action='revoke' id=..``
+    deletes its keys now. A put names it with ``lease='ID'``. For writers
+    whose presence the node cannot see; leases live on the node that granted
+    them.
+    """
+
+    name = "lease"
+    plugin_attrib = "kv_lease"
+    interfaces = {"action", "id", "ttl", "deleted"}
+
+
 def _pack(value: Any) -> str:
     return encode_value(msgpack.packb(value, use_bin_type=True))
 
@@ -438,7 +453,7 @@ class Txn(KvElement):
 
 
 REQUESTS: tuple[type[KvElement], ...] = (Get, Put, Delete, ListChildren, Status, Watch, Cancel,
-                                         Events, Txn)
+                                         Events, Txn, Lease)
 
 
 def error_condition(error: KvError) -> ET.Element:
