@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -236,10 +237,23 @@ def _name_size(name: bytes) -> int:
     return len(name) + escapes + 1
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "No space left" in str(exc) or "Disk quota" in str(exc)
+DISK_RESERVE = 1 << 20
+"""Free bytes below which a failed write is taken for a full disk."""
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(exc) or "Disk quota" in str(exc):
+        return True
+    # LMDB reports a short write (what a full disk causes) as EIO.
+    if "Input/output error" in str(exc):
+        try:
+            stats = os.statvfs(path)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize < DISK_RESERVE
+    return False
 
 
 def _ephemeral_entry(owner: str, shard: str, raw_key: bytes) -> bytes:
@@ -532,7 +546,7 @@ class Engine:
         except lmdb.MapFullError:
             raise StorageFull("the storage map is full; raise storage.map_size") from None
         except (lmdb.Error, OSError) as exc:
-            if _is_disk_full(exc):
+            if _is_disk_full(exc, self.path):
                 raise StorageFull(f"the disk is full: {exc}") from None
             raise
         return outcomes

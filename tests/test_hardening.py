@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import watch_validators as check
@@ -116,3 +118,41 @@ async def test_a_frozen_server_for_five_seconds_then_watches_resume_without_gaps
             await asyncio.sleep(0.1)
         reader.cancel()
     check.check_all(events, acked)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB filesystem of its own (tmpfs); skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                              str(mount_point)], capture_output=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+async def test_a_full_disk_refuses_writes_clearly_and_keeps_serving_reads(
+        make_cluster: Callable[..., DevCluster], small_disk: Path) -> None:
+    dev = make_cluster(node_settings={
+        "node": {"data_dir": str(small_disk / "data")},
+        "storage": {"map_size": 64 * 1024 * 1024},  # far more than the disk holds
+    })
+    written: dict[str, bytes] = {}
+    async with Client(dev.settings()) as kv:
+        with pytest.raises(StorageFull, match="disk is full"):
+            for i in range(400):
+                key, value = f"/disk/{i}", bytes([i % 256]) * 20_000
+                await kv.put(key, value)
+                written[key] = value
+        assert written
+        for key, value in written.items():
+            assert (await kv.get(key)).value == value
+    dev.stop()
+    dev.start()
+    async with Client(dev.settings()) as kv:
+        stored = {item.key: item.value for item in (await kv.get_prefix("/disk")).items}
+    assert stored == written
