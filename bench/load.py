@@ -5,18 +5,27 @@ the next, so exactly K requests are in flight until the run ends. A run ends
 at ``max_ops`` requests or ``max_seconds`` seconds, whichever comes first;
 requests already in flight then finish (each is bounded by its own timeout)
 and a hard limit cancels whatever is left.
+
+:func:`closed_loop` drives asyncio clients (the store, the echo);
+:func:`threaded_closed_loop` drives synchronous ones (etcd's Python client)
+with one thread per request in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 Operation = Callable[[int], Awaitable[object]]
 """One request: called with the request's sequence number, awaited until answered."""
+
+SyncOperation = Callable[[int], object]
+"""One blocking request: called with the request's sequence number, returns when answered."""
 
 
 @dataclass
@@ -97,3 +106,53 @@ async def closed_loop(operation: Operation, *, concurrency: int, max_ops: int,
             raise task.exception()  # type: ignore[misc]
     elapsed = clock() - begin
     return LoadResult(concurrency, len(latencies), errors, elapsed, latencies, first_error)
+
+
+def threaded_closed_loop(operation: SyncOperation, *, concurrency: int, max_ops: int,
+                         max_seconds: float, grace: float = 10.0) -> LoadResult:
+    """:func:`closed_loop` for blocking clients: ``concurrency`` threads, one request each.
+
+    Threads cannot be cancelled: each request must be bounded by its own
+    timeout. A thread still busy ``grace`` seconds after the deadline is left
+    behind (it is a daemon) and counted as one error.
+    """
+    if concurrency < 1 or max_ops < 1 or max_seconds <= 0:
+        raise ValueError("concurrency, max_ops and max_seconds must be positive")
+    clock = time.perf_counter
+    sequence = itertools.count()  # next() is atomic under the GIL
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    first_errors: list[str | None] = [None] * concurrency
+    begin = clock()
+    deadline = begin + max_seconds
+
+    def worker(index: int) -> None:
+        mine = latencies[index]
+        while clock() < deadline:
+            number = next(sequence)
+            if number >= max_ops:
+                return
+            start = clock()
+            try:
+                operation(number)
+            except Exception as error:
+                errors[index] += 1
+                if first_errors[index] is None:
+                    first_errors[index] = f"{type(error).__name__}: {error}"
+                continue
+            mine.append(clock() - start)
+
+    threads = [threading.Thread(target=worker, args=(index,), name=f"bench-load-{index}",
+                                daemon=True) for index in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline + grace - clock()))
+    stuck = sum(thread.is_alive() for thread in threads)
+    elapsed = clock() - begin
+    first_error = next((error for error in first_errors if error), None)
+    if stuck:
+        first_error = first_error or f"{stuck} requests still unanswered after the grace"
+    merged = [latency for mine in latencies for latency in mine]
+    return LoadResult(concurrency, len(merged), sum(errors) + stuck, elapsed, merged,
+                      first_error)

@@ -167,7 +167,12 @@ class Client:
 
     async def _routed(self, key: str, make: Callable[[str], wire.KvElement], type_: str,
                       timeout: float | None) -> tuple[ET.Element, str]:
-        """Send a single-key request to the key's owner, following one not-owner hint."""
+        """Send a single-key request to the key's owner, following one not-owner hint.
+
+        Single-key requests carry no ``shard``: the node finds the owner of the
+        key itself (and refuses it if that is not one of its shards), and the
+        server parses one attribute less for every request.
+        """
         if not self.directory.complete:
             await self.directory.ready(timeout or self.timeout)
         shard, node = self.directory.route(key)
@@ -202,7 +207,7 @@ class Client:
 
         def make(shard: str) -> wire.Get:
             request = wire.Get()
-            request.set_attrs(key=key, shard=shard)
+            request.set_attrs(key=key)
             return request
 
         result, _ = await self._routed(key, make, "get", timeout)
@@ -305,7 +310,7 @@ class Client:
 
         def make(shard: str) -> wire.Put:
             request = wire.Put()
-            request.set_attrs(key=key, shard=shard, if_version=if_version,
+            request.set_attrs(key=key, if_version=if_version,
                               if_mod_rev=if_mod_rev, ephemeral=ephemeral, lease=lease_id)
             request.value = data
             return request
@@ -332,7 +337,7 @@ class Client:
         if not prefix:
             def make(shard: str) -> wire.Delete:
                 request = wire.Delete()
-                request.set_attrs(key=key, shard=shard, if_version=if_version,
+                request.set_attrs(key=key, if_version=if_version,
                                   if_mod_rev=if_mod_rev)
                 return request
 
