@@ -211,10 +211,7 @@ class Client:
             return request
 
         result, _ = await self._routed(key, make, "get", timeout)
-        items = _answer(result, wire.Get).items()
-        if not items:
-            raise Unavailable(f"the node answered a get of {key} with no item")
-        return items[0]
+        return wire.parse_item(payload_of(result))
 
     async def get_prefix(self, key: str, *, limit: int | None = None, keys_only: bool = False,
                          after: str | None = None, timeout: float | None = None) -> RangeResult:
@@ -317,11 +314,12 @@ class Client:
 
         result, shard = await self._routed(key, make, "set", timeout)
         answer = _answer(result, wire.Put)
+        rev = answer.int_attr("rev", 0) or 0
         return PutResult(
-            rev=answer.int_attr("rev", 0) or 0,
+            rev=rev,
             version=answer.int_attr("version", 0) or 0,
             create_rev=answer.int_attr("create-rev", 0) or 0,
-            mod_rev=answer.int_attr("mod-rev", 0) or 0,
+            mod_rev=rev,
             shard=shard,
         )
 
