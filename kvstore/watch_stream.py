@@ -102,19 +102,27 @@ class WatchStream:
         return {shard: sub.resume for shard, sub in self.subs.items() if sub.resume is not None}
 
     async def start(self) -> None:
-        """Subscribe to every shard; raise Unavailable if one has no node online."""
+        """Subscribe to every shard of the key or subtree.
+
+        Raises Unavailable if no node serving the key's own shard is online.
+        A deeper shard (of a prefix watch) whose node is offline is taken up
+        as soon as its node comes back, from the revision it announces then;
+        it counts towards ``unavailable_timeout`` meanwhile.
+        """
         if self._started:
             return
         self._started = True
         directory = self.client.directory
-        shards = directory.subtree(self.key) if self.prefix else [directory.shard_of(self.key)]
-        if not shards:
-            raise Unavailable(f"no storage node online serves {self.key}")
+        if not directory.complete:
+            await directory.ready(self.client.timeout)
+        top = directory.shard_of(self.key)
+        shards = directory.subtree(self.key) if self.prefix else [top]
         for shard in shards:
             self.subs[shard] = _ShardSub(shard, self._since(shard))
         self.client.watches.open.add(self)
         try:
-            await asyncio.gather(*(self._subscribe(sub, strict=True) for sub in self.subs.values()))
+            await asyncio.gather(*(self._subscribe(sub, strict=sub.shard == top)
+                                   for sub in self.subs.values()))
         except BaseException:
             await self.close()
             raise
@@ -349,6 +357,9 @@ class WatchRegistry:
                 continue
             for shard, announced in node.shards.items():
                 sub = stream.subs.get(shard)
+                if sub is not None and sub.resume is None:
+                    # Never subscribed yet: it has taken nothing since it announced.
+                    sub.resume = announced + 1
                 if sub is None:
                     if not (stream.prefix and keys.is_strict_prefix(stream.key, shard)):
                         continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -350,3 +351,38 @@ async def test_a_watcher_that_leaves_is_dropped_by_the_node(
         assert time.monotonic() < deadline, "the node kept the departed watcher's watches"
         await asyncio.sleep(0.1)
     await leaving.close()
+
+
+async def test_a_prefix_watch_takes_up_a_shard_whose_node_comes_online_later(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster(shards=["/", "/b"])
+    async with Client(dev.settings()) as kv:
+        dev.kill_node("node2")  # seen once, offline now
+        stream = kv.watch("/", prefix=True, unavailable_timeout=60)
+        await stream.start()
+        await asyncio.to_thread(dev.start_node, "node2")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                written = await kv.put("/b/late", b"hello")
+                break
+            except KvError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        event = await stream.next(timeout=10)
+        await stream.close()
+    assert (event.shard, event.key, event.rev) == ("/b", "/b/late", written.rev)
+
+
+async def test_an_idle_watch_is_bookmarked_by_progress_notices(kv: Client, prefix: str) -> None:
+    stream = kv.watch(f"{prefix}/quiet")
+    await stream.start()
+    before = stream.revisions()["/"]
+    elsewhere = await kv.put(f"{prefix}/busy", b"x")  # same shard, another key
+    deadline = time.monotonic() + 15
+    while stream.revisions()["/"] <= elsewhere.rev:
+        assert time.monotonic() < deadline, "no progress notice moved the bookmark"
+        with contextlib.suppress(TimeoutError):
+            await stream.next(timeout=0.5)
+    await stream.close()
+    assert before <= elsewhere.rev < stream.revisions()["/"]
