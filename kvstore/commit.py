@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +36,7 @@ class Committer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kv-commit")
         self.commits = 0
         self.ops = 0
+        self.commit_seconds = 0.0
 
     @property
     def queued(self) -> int:
@@ -60,8 +62,15 @@ class Committer:
             self._idle.set()
             return
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._executor, self.engine.apply, [op for op, _ in batch])
+        work = loop.run_in_executor(self._executor, self._timed_apply, [op for op, _ in batch])
         work.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _timed_apply(self, ops: list[WriteOp]) -> list[Outcome]:
+        started = time.perf_counter()
+        try:
+            return self.engine.apply(ops)
+        finally:
+            self.commit_seconds += time.perf_counter() - started
 
     def _finish(self, batch: list[tuple[WriteOp, asyncio.Future[Outcome]]],
                 done: asyncio.Future[list[Outcome]]) -> None:

@@ -410,6 +410,9 @@ class StorageNode:
         result.set_attrs(jid=str(self.jid))
         result.xml.set("uptime", f"{time.time() - self.started:.1f}")
         result.xml.set("watchers", str(self.hub.watch_count))
+        result.xml.set("commits", str(self.committer.commits))
+        result.xml.set("writes", str(self.committer.ops))
+        result.xml.set("commit-seconds", f"{self.committer.commit_seconds:.3f}")
         for shard in self.own_shards:
             result.add_shard(shard, **self.engine.stats(shard))
         self.session.reply(request, result.xml)
