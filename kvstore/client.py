@@ -213,6 +213,30 @@ class Client:
         result, _ = await self._routed(key, make, "get", timeout)
         return wire.parse_item(payload_of(result))
 
+    async def _pages(self, node: NodeInfo, limit: int | None, after: str | None,
+                     ask: Callable[[str | None, int | None], wire.KvElement],
+                     read: Callable[[ET.Element], tuple[list[T], str | None]],
+                     timeout: float | None) -> tuple[list[T], bool, int]:
+        """Follow one shard's pages until ``limit`` or the end.
+
+        ``ask(after, remaining)`` builds a request, ``read(answer)`` returns a
+        page and the cursor to resume after. Returns everything, whether a
+        limit left more, and the revision of the first page.
+        """
+        found: list[T] = []
+        first_rev: int | None = None
+        cursor = after
+        while True:
+            remaining = None if limit is None else limit - len(found)
+            answer = payload_of(await self._call(node, "get", ask(cursor, remaining), timeout))
+            page, cursor = read(answer)
+            found.extend(page)
+            if first_rev is None:
+                first_rev = wire.parse_int(answer.get("rev"), "rev", default=0)
+            more = wire.parse_bool(answer.get("more"), "more")
+            if not more or not page or (limit is not None and len(found) >= limit):
+                return found, more, first_rev or 0
+
     async def get_prefix(self, key: str, *, limit: int | None = None, keys_only: bool = False,
                          after: str | None = None, timeout: float | None = None) -> RangeResult:
         """``key`` and its whole subtree, in tree order, across every shard it spans."""
@@ -220,24 +244,18 @@ class Client:
         if limit is not None and limit < 1:
             raise ValueError("limit must be positive")
 
+        def read(answer: ET.Element) -> tuple[list[KeyValue], str | None]:
+            items = wire.Get(xml=answer).items()
+            return items, items[-1].key if items else None
+
         async def fetch(shard: str, node: NodeInfo) -> tuple[list[KeyValue], bool, int]:
-            found: list[KeyValue] = []
-            first_rev: int | None = None
-            cursor = after
-            while True:
+            def ask(cursor: str | None, remaining: int | None) -> wire.Get:
                 request = wire.Get()
                 request.set_attrs(key=key, shard=shard, prefix=True, after=cursor,
-                                  keys_only=keys_only,
-                                  limit=None if limit is None else limit - len(found))
-                answer = _answer(await self._call(node, "get", request, timeout), wire.Get)
-                page = answer.items()
-                found.extend(page)
-                if first_rev is None:
-                    first_rev = answer.int_attr("rev", 0)
-                more = answer.bool_attr("more")
-                if not more or not page or (limit is not None and len(found) >= limit):
-                    return found, more, first_rev or 0
-                cursor = page[-1].key
+                                  keys_only=keys_only, limit=remaining)
+                return request
+
+            return await self._pages(node, limit, after, ask, read, timeout)
 
         answers = await self._gather(key, fetch)
         merged = list(heapq.merge(*(items for _, (items, _, _) in answers),
@@ -252,23 +270,17 @@ class Client:
         """Names of ``key``'s direct children, sorted, gathered from every shard below it."""
         keys.validate(key, CLIENT_KEY_LIMITS, allow_root=True)
 
+        def read(answer: ET.Element) -> tuple[list[str], str | None]:
+            names = wire.ListChildren(xml=answer).children()
+            return names, names[-1] if names else None
+
         async def fetch(shard: str, node: NodeInfo) -> tuple[list[str], bool, int]:
-            names: list[str] = []
-            first_rev: int | None = None
-            cursor = after
-            while True:
+            def ask(cursor: str | None, remaining: int | None) -> wire.ListChildren:
                 request = wire.ListChildren()
-                request.set_attrs(key=key, shard=shard, after=cursor,
-                                  limit=None if limit is None else limit - len(names))
-                answer = _answer(await self._call(node, "get", request, timeout), wire.ListChildren)
-                page = answer.children()
-                names.extend(page)
-                if first_rev is None:
-                    first_rev = answer.int_attr("rev", 0)
-                more = answer.bool_attr("more")
-                if not more or not page or (limit is not None and len(names) >= limit):
-                    return names, more, first_rev or 0
-                cursor = page[-1]
+                request.set_attrs(key=key, shard=shard, after=cursor, limit=remaining)
+                return request
+
+            return await self._pages(node, limit, after, ask, read, timeout)
 
         answers = await self._gather(key, fetch)
         names = sorted({name for _, (page, _, _) in answers for name in page},
