@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup prosody venv test lint demo bench bench-quick clean
+.PHONY: setup prosody venv test lint demo etcd bench-deps bench bench-quick clean
 
 setup: prosody venv
 
@@ -36,10 +36,28 @@ lint: venv
 demo: setup
 	$(PY) -m kvstore.demo
 
-bench: setup
+# The benchmark also needs what it compares against: Debian's etcd-server (the
+# binary only; the benchmark runs its own etcd on free loopback ports) and the
+# bench extra (the etcd3 client). Neither is needed by setup or test.
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+		echo "installing Debian's etcd-server"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			etcd-server \
+		|| { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends etcd-server; }; }
+	@# Debian's package may start a system-wide etcd on port 2379; the benchmark never uses it.
+
+bench-deps: setup etcd $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: bench-deps
 	$(PY) -m bench
 
-bench-quick: setup
+bench-quick: bench-deps
 	$(PY) -m bench --quick
 
 clean:

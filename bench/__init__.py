@@ -1,12 +1,19 @@
-"""Benchmarks: kvstore get and put against a raw XMPP IQ echo through the same Prosody.
+"""Benchmarks: the store against its transport's ceiling, against etcd, and at scale.
 
-Run ``python -m bench`` (about four minutes) or ``python -m bench --quick``
-(well under two). The machine is shared and small, so absolute figures are
-noisy; the ratios of the store to the echo, measured side by side in one
-run, are what to compare.
+Run ``python -m bench`` (about 12 minutes) or ``python -m bench --quick``
+(about 2-3 minutes). The machine is shared and small, so absolute figures
+are noisy; the ratios measured side by side in one run are what to compare.
 
+* :mod:`bench.core` -- echo, store and etcd side by side in rotating rounds; listing.
 * :mod:`bench.echo` -- the ceiling: two plain slixmpp clients, one answering IQs.
-* :mod:`bench.load` -- a closed-loop load generator bounded in count and time.
-* :mod:`bench.cpu` -- CPU use of the processes involved, from ``/proc``.
-* :mod:`bench.report` -- the table and the JSON summary.
+* :mod:`bench.etcd` -- a private etcd on loopback and the etcd3 client's requests.
+* :mod:`bench.watch` -- watch delivery latency and events per second.
+* :mod:`bench.scale` -- 10,000 vs 1,000,000 keys, 1 vs 4 shards, node memory.
+* :mod:`bench.agents` -- discovery among 1,000 agents; hundreds starting at once.
+* :mod:`bench.load` -- closed-loop load generators (asyncio and threads), bounded
+  in count and time.
+* :mod:`bench.cpu` -- CPU use and memory of the processes involved, from ``/proc``.
+* :mod:`bench.report` and :mod:`bench.summary` -- the tables, targets and JSON.
+* :mod:`bench.profile`, :mod:`bench.machine`, :mod:`bench.runtime` -- sizes and
+  time bounds, machine facts, event loop, signals and process clean-up.
 """

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             part_began = time.monotonic()
             try:
                 outcomes[name] = runners[name]()
+                if "etcd_error" in outcomes[name]:
+                    meta["etcd"].update(available=False,
+                                        status=f"SKIPPED: {outcomes[name]['etcd_error']}")
             except KeyboardInterrupt:
                 raise
             except Exception as error:
