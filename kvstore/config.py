@@ -188,8 +188,8 @@ class NodeConfig:
     """Seconds an ephemeral key outlives its writer's session (a reconnect within it keeps it)."""
     ping_interval: float = 4.0
     """Seconds between pings of the holders of ephemeral keys (XEP-0199)."""
-    ping_timeout: float = 5.0
-    """A holder that answers no ping within this is taken for hung and loses its keys."""
+    ping_timeout: float = 4.0
+    """A holder that misses two pings in a row (each this long) loses its keys."""
     acl: AclSettings = field(default_factory=AclSettings)
     max_in_flight: int = 1000
     """Writes one JID may have queued at once; more are refused with limit-reached."""
@@ -240,7 +240,7 @@ class NodeConfig:
             compact_interval=float(storage.get("compact_interval", 60.0)),
             ephemeral_grace=float(ephemeral.get("grace", 1.0)),
             ping_interval=float(ephemeral.get("ping_interval", 4.0)),
-            ping_timeout=float(ephemeral.get("ping_timeout", 5.0)),
+            ping_timeout=float(ephemeral.get("ping_timeout", 4.0)),
             acl=acl,
             max_in_flight=int(limits_table.get("max_in_flight", 1000)),
             max_watches=int(limits_table.get("max_watches", 1000)),

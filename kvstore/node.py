@@ -59,6 +59,7 @@ from protocol.errors import (
     LeaseNotFound,
     NotOwner,
     ResourceLimit,
+    Timeout,
     Unavailable,
     ValueTooLarge,
 )
@@ -138,6 +139,7 @@ class StorageNode:
         }
         """Leases granted here; after a restart each gets its full time again."""
         self._expiring: dict[str, asyncio.TimerHandle] = {}
+        self._missed_pings: dict[str, int] = {}
         self._handlers = {
             ("get", "get"): self._on_get,
             ("get", "list"): self._on_list,
@@ -689,12 +691,23 @@ class StorageNode:
 
     def _pinged(self, owner: str, done: asyncio.Future[Any]) -> None:
         error = done.exception()
-        # Unavailable: the server answered for an offline session. Timeout:
-        # the session is there but silent. Any other answer proves life.
-        if isinstance(error, Unavailable) and owner in self.holders and \
-                self.session.online.is_set():
-            log.info("%s did not answer a ping (%s)", owner, error)
-            self._expire_soon(owner)
+        if error is None or not isinstance(error, Unavailable):
+            self._missed_pings.pop(owner, None)  # any answer proves life
+            return
+        if owner not in self.holders or not self.session.online.is_set():
+            return
+        if isinstance(error, Timeout):
+            # Silence: hung, or only slow (a congested server delays everyone's
+            # answers). Two pings missed in a row make it hung.
+            missed = self._missed_pings.get(owner, 0) + 1
+            self._missed_pings[owner] = missed
+            if missed < 2:
+                return
+        # An Unavailable that is no timeout: the server answered for an
+        # offline session.
+        self._missed_pings.pop(owner, None)
+        log.info("%s did not answer a ping (%s)", owner, error)
+        self._expire_soon(owner)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

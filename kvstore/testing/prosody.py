@@ -104,6 +104,9 @@ allowlist_registration_only = true
 -- Without this a second small stanza on a socket waits for the peer's
 -- delayed ACK (about 40 ms) whenever one is already in flight.
 network_settings = {{ nagle = false }}
+-- Read a connection up to 256 KiB at a time: at the default 4 KiB a large
+-- stanza (a batch of writes) is read in slices, each after a 1 ms pause.
+network_default_read_size = 262144
 modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "presence", "register" }}
 modules_disabled = {{ "s2s", "offline" }}
 log = {{
