@@ -159,13 +159,14 @@ class Client:
 
     # --- plumbing -------------------------------------------------------
 
-    async def _call(self, node: NodeInfo, type_: str, payload: wire.KvElement,
+    async def _call(self, node: NodeInfo, type_: str, payload: wire.KvElement | str,
                     timeout: float | None) -> ET.Element:
         assert node.jid is not None
-        iq = self.session.iq(node.jid, type_, payload.xml)
+        iq = self.session.iq(node.jid, type_,
+                             payload if isinstance(payload, str) else payload.xml)
         return await self.session.request(iq, timeout or self.timeout)
 
-    async def _routed(self, key: str, make: Callable[[str], wire.KvElement], type_: str,
+    async def _routed(self, key: str, make: Callable[[str], wire.KvElement | str], type_: str,
                       timeout: float | None) -> tuple[ET.Element, str]:
         """Send a single-key request to the key's owner, following one not-owner hint.
 
@@ -205,12 +206,7 @@ class Client:
         """The key's value and revisions; raises KeyNotFound."""
         keys.validate(key, CLIENT_KEY_LIMITS)
 
-        def make(shard: str) -> wire.Get:
-            request = wire.Get()
-            request.set_attrs(key=key)
-            return request
-
-        result, _ = await self._routed(key, make, "get", timeout)
+        result, _ = await self._routed(key, lambda _shard: wire.get_text(key), "get", timeout)
         return wire.parse_item(payload_of(result))
 
     async def _pages(self, node: NodeInfo, limit: int | None, after: str | None,

@@ -372,9 +372,7 @@ class StorageNode:
                 raise KeyNotFound(f"{key} not found", key=key)
             # The item alone, carrying the revision: one element less for the
             # server to parse and rebuild on the store's most frequent answer.
-            item = wire.item_element(record)
-            item.set("rev", str(rev))
-            self.session.reply(request, item)
+            self.session.reply(request, wire.item_text(record, rev))
             return
         result = wire.Get()
         if prefix:
@@ -389,7 +387,7 @@ class StorageNode:
             )
             visible = self.policy.reader(request.sender)
             result.set_attrs(rev=rev, more=more)
-            result.add_items([r for r in records if visible(r.key)], with_value=not keys_only)
+            result.set_items([r for r in records if visible(r.key)], with_value=not keys_only)
         self.session.reply(request, result.xml)
 
     def _on_list(self, request: Inbound, element: ET.Element) -> None:
@@ -463,9 +461,8 @@ class StorageNode:
         kv = outcome.kv
         if kv.ephemeral and not kv.ephemeral.startswith("lease:"):
             self.holders.add(kv.ephemeral)
-        result = wire.Put()
-        result.set_attrs(rev=outcome.rev, version=kv.version, create_rev=kv.create_rev)
-        self.session.reply(request, result.xml)
+        self.session.reply(request, f"<put xmlns='{wire.NS}' rev='{outcome.rev}' "
+                                    f"version='{kv.version}' create-rev='{kv.create_rev}'/>")
 
     def _on_delete(self, request: Inbound, element: ET.Element) -> None:
         prefix = wire.parse_bool(element.get("prefix"), "prefix")

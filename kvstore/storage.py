@@ -224,11 +224,9 @@ def _unpack_log(shard: str, rev: int, raw: bytes,
 
 
 def _item_size(raw_key: bytes, value_bytes: int) -> int:
-    """Bytes a record takes in an answer: ``<item key= version= create-rev= mod-rev=>``,
-    the key UTF-8 and XML-escaped, the value in base64."""
-    escapes = 4 * raw_key.count(b"&") + 3 * (raw_key.count(b"<") + raw_key.count(b">"))
-    return (len(raw_key) + escapes + 5 * raw_key.count(b'"') + (value_bytes + 2) // 3 * 4
-            + 100)
+    """Bytes a record takes in a page answer: msgpack (key, value and four small
+    fields), then base64's four bytes for every three."""
+    return (len(raw_key) + value_bytes + 32) * 4 // 3 + 4
 
 
 def _name_size(name: bytes) -> int:
@@ -321,6 +319,7 @@ class Engine:
         self._ephemeral = self.env.open_db(b"ephemeral")
         self._kv: dict[str, object] = {}
         self._log: dict[str, object] = {}
+        self._rev_names = {prefix: b"rev:" + prefix.encode() for prefix in shards}
         for prefix in shards:
             self._kv[prefix] = self.env.open_db(b"kv:" + prefix.encode())
             self._log[prefix] = self.env.open_db(b"log:" + prefix.encode())
@@ -346,10 +345,11 @@ class Engine:
         return _REV.unpack(raw)[0] if raw else 0
 
     def revision(self, shard: str, txn: lmdb.Transaction | None = None) -> int:
+        name = self._rev_names.get(shard) or b"rev:" + shard.encode()
         if txn is None:
             with self.env.begin() as txn:
-                return self._meta_int(txn, self._meta, b"rev:" + shard.encode())
-        return self._meta_int(txn, self._meta, b"rev:" + shard.encode())
+                return self._meta_int(txn, self._meta, name)
+        return self._meta_int(txn, self._meta, name)
 
     def compact_revision(self, shard: str) -> int:
         with self.env.begin() as txn:

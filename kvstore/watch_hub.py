@@ -254,6 +254,7 @@ class WatchHub:
 
     def _push_batch(self, watch: Watch) -> None:
         payload = wire.Events()
+        batch: list[Event] = []
         budget = self.max_stanza_bytes
         last_rev = 0
         more = False
@@ -268,7 +269,7 @@ class WatchHub:
                     break
                 budget -= size
                 taken += 1
-            payload.add_events(events[:taken], with_prev=watch.prev_kv)
+            batch.extend(events[:taken])
             watch.buffered_events -= taken
             watch.buffered_bytes -= sum(sizes[:taken])
             last_rev = rev
@@ -279,6 +280,7 @@ class WatchHub:
             watch.buffer.popleft()
         if not more and not watch.buffer:
             last_rev = watch.next_rev - 1
+        payload.set_events(batch, with_prev=watch.prev_kv)
         payload.set_attrs(watch=watch.id, shard=watch.shard, rev=last_rev, more=more)
         self._send(watch, payload)
 

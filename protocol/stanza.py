@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 from slixmpp.xmlstream import ET, ElementBase
 
-from protocol import model
+from protocol import model, xmltext
 from protocol.errors import APPLICATION_CONDITIONS, BadRequest, KvError, from_condition
 from protocol.model import Event, EventType, KeyValue
 
@@ -30,8 +30,6 @@ STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 _ITEM = f"{{{NS}}}item"
 _SHARD = f"{{{NS}}}shard"
-_EVENT = f"{{{NS}}}event"
-_PREV = f"{{{NS}}}prev"
 
 
 def encode_value(value: bytes) -> str:
@@ -118,6 +116,23 @@ def item_element(kv: KeyValue, *, with_value: bool = True) -> ET.Element:
     return element
 
 
+def item_text(kv: KeyValue, rev: int) -> str:
+    """A single get's answer as text: the item with the revision read at.
+
+    The same element :func:`item_element` builds, written straight to text:
+    this is the store's most frequent answer.
+    """
+    ephemeral = " ephemeral='true'" if kv.ephemeral else ""
+    return (f"<item xmlns='{NS}' rev='{rev}' key='{xmltext.escape_attribute(kv.key)}' "
+            f"version='{kv.version}' create-rev='{kv.create_rev}' mod-rev='{kv.mod_rev}'"
+            f"{ephemeral}>{encode_value(kv.value)}</item>")
+
+
+def get_text(key: str) -> str:
+    """A single get request as text."""
+    return f"<get xmlns='{NS}' key='{xmltext.escape_attribute(key)}'/>"
+
+
 def parse_item(element: ET.Element) -> KeyValue:
     key = element.get("key")
     if not key:
@@ -144,20 +159,33 @@ class Get(KvElement):
     """Read one key, or a subtree with ``prefix='true'``.
 
     Request attributes: key, shard, prefix, limit, after (a key: resume after
-    it), keys-only. Result attributes: rev (the shard revision served at),
-    more (a limit cut the answer short), then ``<item/>`` children in tree order.
+    it), keys-only. A single key is answered with its ``<item/>`` (see
+    :func:`item_text`). A subtree page is answered with ``<get rev= more=>``
+    (rev: the shard revision served at; more: a limit cut the page short)
+    whose text is base64 of a msgpack list of records in tree order,
+    ``[key, value, version, create_rev, mod_rev, ephemeral]`` (value nil with
+    keys-only): one text node for the server to route, not an element per key.
     """
 
     name = "get"
     plugin_attrib = "kv_get"
     interfaces = {"key", "shard", "prefix", "limit", "after", "keys-only", "rev", "more"}
 
-    def add_items(self, kvs: Iterable[KeyValue], *, with_value: bool = True) -> None:
-        for kv in kvs:
-            self.xml.append(item_element(kv, with_value=with_value))
+    def set_items(self, kvs: Iterable[KeyValue], *, with_value: bool = True) -> None:
+        records = [[kv.key, kv.value if with_value else None, kv.version, kv.create_rev,
+                    kv.mod_rev, bool(kv.ephemeral)] for kv in kvs]
+        self.xml.text = _pack(records) if records else None
 
     def items(self) -> list[KeyValue]:
-        return [parse_item(child) for child in self.xml if child.tag == _ITEM]
+        if not self.xml.text:
+            return []
+        try:
+            return [KeyValue(key, value or b"", version, create_rev, mod_rev,
+                             "true" if ephemeral else None)
+                    for key, value, version, create_rev, mod_rev, ephemeral
+                    in _unpack(self.xml.text)]
+        except (TypeError, ValueError):
+            raise BadRequest("malformed records in a get answer") from None
 
 
 class Put(KvElement):
@@ -264,32 +292,6 @@ class Cancel(KvElement):
     interfaces = {"id", "found"}
 
 
-def event_element(event: Event, *, with_prev: bool = False) -> ET.Element:
-    """``<event type='put'><item .../>[<prev .../>]</event>``."""
-    element = ET.Element(_EVENT, {"type": event.type.value})
-    element.append(item_element(event.kv))
-    if with_prev and event.prev is not None:
-        prev = item_element(event.prev)
-        prev.tag = _PREV
-        element.append(prev)
-    return element
-
-
-def parse_event(element: ET.Element, shard: str) -> Event:
-    kind = element.get("type")
-    if kind not in ("put", "delete"):
-        raise BadRequest(f"unknown event type {kind!r}")
-    kv = prev = None
-    for child in element:
-        if child.tag == _ITEM:
-            kv = parse_item(child)
-        elif child.tag == _PREV:
-            prev = parse_item(child)
-    if kv is None:
-        raise BadRequest("event without an item")
-    return Event(EventType(kind), kv, shard, prev)
-
-
 class Events(KvElement):
     """Pushed by a node to a watcher in an IQ set; the watcher answers with a result.
 
@@ -297,21 +299,46 @@ class Events(KvElement):
     change of the shard up to this revision), more (the last revision goes on
     in the next push: its events are delivered together, never split), and
     cancelled (the node ended the watch: ``lagging`` if the watcher fell too
-    far behind, ``compacted`` if the history it needed is gone). An
-    ``<events/>`` with no children is a progress notice.
+    far behind, ``compacted`` if the history it needed is gone). The text is
+    base64 of a msgpack list of events, ``[type, key, value, version,
+    create_rev, mod_rev, ephemeral, prev]`` with type ``put`` or ``delete``
+    and prev nil or ``[value, version, create_rev, mod_rev, ephemeral]``. An
+    ``<events/>`` with no text is a progress notice.
     """
 
     name = "events"
     plugin_attrib = "kv_events"
     interfaces = {"watch", "shard", "rev", "more", "cancelled"}
 
-    def add_events(self, events: Iterable[Event], *, with_prev: bool = False) -> None:
+    def set_events(self, events: Iterable[Event], *, with_prev: bool = False) -> None:
+        packed = []
         for event in events:
-            self.xml.append(event_element(event, with_prev=with_prev))
+            kv, prev = event.kv, event.prev if with_prev else None
+            packed.append([event.type.value, kv.key, kv.value, kv.version, kv.create_rev,
+                           kv.mod_rev, bool(kv.ephemeral),
+                           [prev.value, prev.version, prev.create_rev, prev.mod_rev,
+                            bool(prev.ephemeral)] if prev is not None else None])
+        self.xml.text = _pack(packed) if packed else None
 
     def events(self) -> list[Event]:
         shard = self.xml.get("shard") or "/"
-        return [parse_event(child, shard) for child in self.xml if child.tag == _EVENT]
+        if not self.xml.text:
+            return []
+        found = []
+        try:
+            for kind, key, value, version, create_rev, mod_rev, ephemeral, prev in \
+                    _unpack(self.xml.text):
+                kv = KeyValue(key, value or b"", version, create_rev, mod_rev,
+                              "true" if ephemeral else None)
+                prev_kv = None
+                if prev is not None:
+                    p_value, p_version, p_create, p_mod, p_ephemeral = prev
+                    prev_kv = KeyValue(key, p_value or b"", p_version, p_create, p_mod,
+                                       "true" if p_ephemeral else None)
+                found.append(Event(EventType(kind), kv, shard, prev_kv))
+        except (TypeError, ValueError):
+            raise BadRequest("malformed events in a push") from None
+        return found
 
 
 class Lease(KvElement):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -131,7 +135,7 @@ key_values = st.builds(
 def test_items_round_trip(kvs: list[KeyValue]) -> None:
     get = wire.Get()
     get.set_attrs(rev=42, more=True)
-    get.add_items(kvs)
+    get.set_items(kvs)
     parsed = wire.Get(xml=reparse(get.xml))
     assert parsed.items() == kvs
     assert parsed.int_attr("rev") == 42
@@ -141,7 +145,7 @@ def test_items_round_trip(kvs: list[KeyValue]) -> None:
 @given(st.lists(key_values, max_size=5))
 def test_keys_only_items_carry_no_value(kvs: list[KeyValue]) -> None:
     get = wire.Get()
-    get.add_items(kvs, with_value=False)
+    get.set_items(kvs, with_value=False)
     parsed = wire.Get(xml=reparse(get.xml)).items()
     assert [kv.key for kv in parsed] == [kv.key for kv in kvs]
     assert all(kv.value == b"" for kv in parsed)
@@ -183,7 +187,9 @@ def test_children_with_xml_special_characters() -> None:
 
 
 events = st.builds(
-    lambda kind, kv, prev: Event(kind, kv, "/shard", prev),
+    # An event's previous record is of the same key.
+    lambda kind, kv, prev: Event(kind, kv, "/shard",
+                                 dataclasses.replace(prev, key=kv.key) if prev else None),
     st.sampled_from(list(EventType)),
     key_values,
     st.one_of(st.none(), key_values),
@@ -194,7 +200,7 @@ events = st.builds(
 def test_events_round_trip_with_prev(evs: list[Event]) -> None:
     payload = wire.Events()
     payload.set_attrs(watch="w1", shard="/shard", rev=9, more=True)
-    payload.add_events(evs, with_prev=True)
+    payload.set_events(evs, with_prev=True)
     parsed = wire.Events(xml=reparse(payload.xml))
     assert parsed.events() == evs
     assert parsed.xml.get("watch") == "w1"
@@ -206,7 +212,7 @@ def test_events_round_trip_with_prev(evs: list[Event]) -> None:
 def test_events_round_trip_without_prev(evs: list[Event]) -> None:
     payload = wire.Events()
     payload.set_attrs(shard="/shard")
-    payload.add_events(evs)
+    payload.set_events(evs)
     parsed = wire.Events(xml=reparse(payload.xml)).events()
     assert parsed == [Event(e.type, e.kv, e.shard, None) for e in evs]
 
@@ -214,17 +220,22 @@ def test_events_round_trip_without_prev(evs: list[Event]) -> None:
 def test_events_shard_defaults_to_root_and_empty_events_is_progress() -> None:
     payload = wire.Events()
     assert wire.Events(xml=reparse(payload.xml)).events() == []
-    payload.add_events([Event(EventType.PUT, KeyValue("/a", b"x", 1, 1, 1))])
+    payload.set_events([Event(EventType.PUT, KeyValue("/a", b"x", 1, 1, 1))])
     assert wire.Events(xml=reparse(payload.xml)).events()[0].shard == "/"
 
 
 def test_bad_events_are_bad_requests() -> None:
-    bad_type = ET.Element(f"{{{wire.NS}}}event", {"type": "modify"})
-    with pytest.raises(BadRequest, match="event type"):
-        wire.parse_event(bad_type, "/")
-    no_item = ET.Element(f"{{{wire.NS}}}event", {"type": "put"})
-    with pytest.raises(BadRequest, match="without an item"):
-        wire.parse_event(no_item, "/")
+    payload = wire.Events()
+    payload.xml.text = base64.b64encode(
+        msgpack.packb([["modify", "/a", b"", 1, 1, 1, False, None]])).decode()
+    with pytest.raises(BadRequest):
+        payload.events()
+    payload.xml.text = base64.b64encode(msgpack.packb([["put", "/a"]])).decode()
+    with pytest.raises(BadRequest, match="malformed"):
+        payload.events()
+    payload.xml.text = "not base64!"
+    with pytest.raises(BadRequest):
+        payload.events()
 
 
 def test_put_value_property() -> None:

@@ -663,7 +663,7 @@ def test_a_page_read_with_a_byte_budget_serializes_within_it(engine: Engine, nam
         page, more, _ = engine.range(ROOT, "/p", limit=1000, after=after, max_bytes=budget)
         answer = wire.Get()
         answer.set_attrs(rev=10**6, more=more)
-        answer.add_items(page)
+        answer.set_items(page)
         assert len(tostring(answer.xml).encode()) <= budget
         total += len(page)
         if not more:

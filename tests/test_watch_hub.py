@@ -313,13 +313,14 @@ async def test_a_revision_reads_the_same_live_and_from_the_log(engine: Engine,
                start_rev=1, prev_kv=prev_kv)
     await ack_all(session)
 
-    def events_xml(watch: str) -> list[bytes]:
-        return [wire.ET.tostring(child) for p in session.pushes if p.watch == watch
-                for child in p.payload.xml]
+    def received(watch: str) -> list[Event]:
+        return [event for p in session.pushes if p.watch == watch
+                for event in p.payload.events()]
 
-    live = events_xml("live")
+    live = received("live")
     assert len(live) == 6
-    assert live == events_xml("replay")
+    assert live == received("replay")
+    assert (live[1].prev is not None) == prev_kv
 
 
 # --- flow control -----------------------------------------------------------------
