@@ -80,7 +80,7 @@ async def test_writes_arriving_during_a_commit_join_the_next_one(
     await asyncio.sleep(0.05)  # the first commit is now stuck on the writer thread
     assert engine.batches == [] and not first.done()
     later = [committer.submit(PutOp(ROOT, f"/later{i}", b"")) for i in range(50)]
-    assert committer.queued == 50
+    assert committer.queued == 51  # submitted, not yet answered
     engine.gate.set()
     await asyncio.gather(first, *later)
     assert engine.batches == [1, 50]
@@ -97,18 +97,24 @@ async def test_outcomes_come_back_in_submission_order(engine: CountingEngine,
         PutOp(ROOT, "/a", b"4", if_version=1),
         DeleteOp(ROOT, "/b"),
     ]
+    engine.gate = threading.Event()  # hold the writer until all six are queued
+    blocker = committer.submit(PutOp(ROOT, "/blocker", b""))
+    await asyncio.sleep(0.05)
     futures = [committer.submit(op) for op in ops]
+    engine.gate.set()
+    await blocker
     outcomes = [await future for future in futures]
-    assert len(engine.batches) == 1
-    assert outcomes[0].rev == 1 and outcomes[0].kv is not None
+    assert engine.batches == [1, 6]
+    # Revision 1 went to the blocker; the six follow in submission order.
+    assert outcomes[0].rev == 2 and outcomes[0].kv is not None
     assert outcomes[0].kv.value == b"1"
     assert isinstance(outcomes[1].error, VersionMismatch)
     assert outcomes[1].error.current_version == 1
     assert isinstance(outcomes[2].error, KeyNotFound)
-    assert outcomes[3].rev == 2 and outcomes[3].kv.key == "/b"  # type: ignore[union-attr]
-    assert outcomes[4].rev == 3 and outcomes[4].kv.value == b"4"  # type: ignore[union-attr]
+    assert outcomes[3].rev == 3 and outcomes[3].kv.key == "/b"  # type: ignore[union-attr]
+    assert outcomes[4].rev == 4 and outcomes[4].kv.value == b"4"  # type: ignore[union-attr]
     assert outcomes[4].kv.version == 2  # type: ignore[union-attr]
-    assert outcomes[5].rev == 4 and outcomes[5].deleted == 1
+    assert outcomes[5].rev == 5 and outcomes[5].deleted == 1
     # Every future has its own outcome object.
     assert len({id(o) for o in outcomes}) == len(outcomes)
 
