@@ -6,11 +6,16 @@ measures, at each number of requests in flight, every kind below in a
 rotating order, so the three systems share the machine's noise:
 
 * ``echo``: a raw IQ round trip (the ceiling), also at 256 in flight;
+* ``echo-item``: the same round trip answered with an item like a get's
+  answer (the value's bytes carried, none of the store's work);
 * ``get``, ``put`` (durable), ``prefix`` (``get_prefix`` of a 100-key
   subtree), ``batch`` (``txn`` of 100 puts) and ``put_many`` (100 keys);
 * ``etcd-get``, ``etcd-put``, ``etcd-prefix`` and ``etcd-batch`` (one etcd
   transaction of 100 puts): the same keys, values and concurrency, through
   the synchronous etcd3 client with one thread per request in flight.
+
+At 1 in flight, where latency drifts within seconds, each round measures
+the kinds in alternating half-second slices instead (:meth:`CoreBench.measure_slices`).
 
 The same setup then times full listings of a 10,000-child directory
 (:func:`measure_list`); :mod:`bench.watch` uses it for watch delivery.
@@ -29,9 +34,9 @@ from typing import Any
 from bench.cpu import CpuMeter
 from bench.echo import EchoRequester, ResponderProcess
 from bench.etcd import Availability, EtcdError, EtcdLoad, EtcdServer
-from bench.load import LoadResult, closed_loop, threaded_closed_loop
+from bench.load import LoadResult, closed_loop, percentile, threaded_closed_loop
 from bench.profile import Profile
-from bench.report import ECHO, Figure, Figures, Kind
+from bench.report import ECHO, ECHO_ITEM, Figure, Figures, Kind
 from bench.runtime import Processes, guarded, progress, run_async
 from bench.watch import measure_watch
 from kvstore.client import Client
@@ -39,10 +44,13 @@ from kvstore.devcluster import DevCluster
 from protocol.model import Put
 
 CONCURRENCIES = [1, 16, 64]
+SLICE_SECONDS = 0.5
+"""Length of the alternating slices that sequential (1 in flight) figures are measured in."""
 ECHO_CONCURRENCIES = [1, 16, 64, 256]
 
 STORE_KINDS = [
     Kind(ECHO, "echo"),
+    Kind(ECHO_ITEM, "echo"),
     Kind("get", "store", peer="etcd-get"),
     Kind("put", "store", peer="etcd-put"),
     Kind("prefix", "store", 100, peer="etcd-prefix"),
@@ -144,6 +152,9 @@ class CoreBench:
         def echo(_: int) -> asyncio.Future[None]:
             return self.requester.request()
 
+        def echo_item(_: int) -> asyncio.Future[None]:
+            return self.requester.request(answer_bytes=len(value))
+
         async def get(sequence: int) -> object:
             return await client.get(work.get_keys[sequence % len(work.get_keys)])
 
@@ -162,8 +173,9 @@ class CoreBench:
         async def put_many(sequence: int) -> object:
             return await client.put_many(many[sequence % len(many)])
 
-        for name, operation in (("echo", echo), ("get", get), ("put", put), ("prefix", prefix),
-                                ("batch", batch), ("put_many", put_many)):
+        for name, operation in (("echo", echo), (ECHO_ITEM, echo_item), ("get", get),
+                                ("put", put), ("prefix", prefix), ("batch", batch),
+                                ("put_many", put_many)):
             self.runners[name] = self._async_runner(operation)
 
     def _build_etcd(self, etcd: EtcdLoad) -> None:
@@ -215,26 +227,65 @@ class CoreBench:
         result = await run(concurrency, profile.max_ops, profile.duration)
         return result, self.meter.stop()
 
+    async def measure_slices(self, kinds: Sequence[str], concurrency: int
+                             ) -> dict[str, tuple[list[LoadResult], dict[str, float]]]:
+        """Every kind in short alternating slices, for as long as one measurement each.
+
+        Sequential latencies drift by a third within seconds on a shared
+        machine (the cost of a wake-up, of a loopback send); slices of
+        ``SLICE_SECONDS`` in turn expose every kind to the same drift.
+        """
+        profile = self.profile
+        for kind in kinds:
+            await self.runners[kind](concurrency, profile.max_ops, profile.warmup)
+        slices = max(1, round(profile.duration / SLICE_SECONDS))
+        found: dict[str, tuple[list[LoadResult], dict[str, float]]] = {
+            kind: ([], {}) for kind in kinds}
+        for number in range(slices):
+            shift = number % len(kinds)
+            for kind in [*kinds[shift:], *kinds[:shift]]:
+                self.meter.start()
+                result = await self.runners[kind](concurrency, profile.max_ops // slices,
+                                                  profile.duration / slices)
+                results, cpu = found[kind]
+                results.append(result)
+                for name, percent in self.meter.stop().items():
+                    cpu[name] = cpu.get(name, 0.0) + percent / slices
+        return found
+
     async def rounds(self) -> Figures:
         figures: Figures = {}
         names = [kind.name for kind in self.kinds]
+
+        def record(kind: str, concurrency: int, runs: list[LoadResult],
+                   cpu: dict[str, float]) -> None:
+            figure = figures.setdefault((kind, concurrency), Figure(kind, concurrency))
+            figure.runs.extend(runs)
+            figure.cpu.append(cpu)
+            ops = sum(run.ops for run in runs)
+            elapsed = sum(run.elapsed for run in runs)
+            latencies = [latency for run in runs for latency in run.latencies]
+            progress(
+                f"round {round_number + 1}/{self.profile.rounds}  {concurrency:>3} in "
+                f"flight  {kind:<12} {ops / elapsed if elapsed else 0:>8,.0f} ops/s  "
+                f"p50 {percentile(latencies, 0.5) * 1000:7.2f} ms  "
+                f"p99 {percentile(latencies, 0.99) * 1000:7.2f} ms  "
+                f"errors {sum(run.errors for run in runs)}")
+
         for round_number in range(self.profile.rounds):
             # Rotate the order each round so no kind always follows the same one.
             shift = round_number % len(names)
             order = names[shift:] + names[:shift]
             for concurrency in ECHO_CONCURRENCIES:
-                for kind in order:
-                    if concurrency not in CONCURRENCIES and kind != ECHO:
-                        continue
+                kinds = [kind for kind in order
+                         if concurrency in CONCURRENCIES or kind == ECHO]
+                if concurrency == 1:
+                    for kind, (runs, cpu) in (await self.measure_slices(kinds, 1)).items():
+                        record(kind, 1, runs, cpu)
+                    continue
+                for kind in kinds:
                     result, cpu = await self.measure(kind, concurrency)
-                    figure = figures.setdefault((kind, concurrency), Figure(kind, concurrency))
-                    figure.runs.append(result)
-                    figure.cpu.append(cpu)
-                    progress(
-                        f"round {round_number + 1}/{self.profile.rounds}  {concurrency:>3} in "
-                        f"flight  {kind:<12} {result.ops_per_s:>8,.0f} ops/s  "
-                        f"p50 {result.percentile_ms(0.5):7.2f} ms  "
-                        f"p99 {result.percentile_ms(0.99):7.2f} ms  errors {result.errors}")
+                    record(kind, concurrency, [result], cpu)
         return figures
 
 

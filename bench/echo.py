@@ -1,7 +1,11 @@
 """The ceiling: a raw IQ echo between two plain slixmpp clients.
 
 The responder answers every IQ get carrying ``<echo xmlns='urn:x-kvstore:bench-echo'/>``
-with an empty result. It runs in a process of its own (``python -m bench.echo``),
+with an empty result. With ``answer-bytes='N'`` it answers instead with an
+``<item/>`` made like a storage node's answer to a single get of an N-byte
+value (the ``echo-item`` figure): the same bytes for the server to route,
+without the store's work, which tells the cost of carrying the value apart
+from the cost of the store. It runs in a process of its own (``python -m bench.echo``),
 as a storage node does, so the echo and the store cross the same boundaries:
 bench process -> Prosody -> serving process and back.
 
@@ -39,6 +43,8 @@ from slixmpp import ClientXMPP
 from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings
+from protocol.model import KeyValue
+from protocol.stanza import item_text
 
 NS = "urn:x-kvstore:bench-echo"
 ECHO_TAG = f"{{{NS}}}echo"
@@ -73,6 +79,13 @@ def plain_client(settings: ConnectionSettings, resource: str) -> FastClient:
     xmpp.enable_starttls = False
     xmpp.enable_direct_tls = False
     return xmpp
+
+
+def item_answer(value_bytes: int) -> str:
+    """An ``<item/>`` like a node's answer to a get of a ``value_bytes`` value."""
+    record = KeyValue("/bench/get/k000000", bytes(value_bytes), version=1,
+                      create_rev=5_000, mod_rev=5_000)
+    return item_text(record, rev=123_456)
 
 
 def _attribute(text: str) -> str:
@@ -127,6 +140,7 @@ class EchoResponder:
         self.xmpp = plain_client(settings, resource)
         self.xmpp.take = self._take
         self.answered = 0
+        self._items: dict[str, str] = {}
 
     @property
     def jid(self) -> str:
@@ -148,11 +162,22 @@ class EchoResponder:
                 return True
             sender = xml.get("from")
             recipient = f" to='{_attribute(sender)}'" if sender else ""
+            size = child.get("answer-bytes")
+            payload = self._item(size) if size else ""
             self.xmpp.send_raw(
-                f"<iq type='result' id='{_attribute(xml.get('id', ''))}'{recipient}/>")
+                f"<iq type='result' id='{_attribute(xml.get('id', ''))}'{recipient}>"
+                f"{payload}</iq>")
             self.answered += 1
             return True
         return False
+
+    def _item(self, size: str) -> str:
+        answer = self._items.get(size)
+        if answer is None:
+            if not size.isdigit() or int(size) > 1_000_000:
+                return ""
+            answer = self._items[size] = item_answer(int(size))
+        return answer
 
 
 # --- the requester ------------------------------------------------------------
@@ -183,8 +208,12 @@ class EchoRequester:
         self._pending.clear()
         await logout(self.xmpp)
 
-    def request(self) -> asyncio.Future[None]:
-        """Send one echo IQ now; the future resolves with its answer (or fails)."""
+    def request(self, answer_bytes: int = 0) -> asyncio.Future[None]:
+        """Send one echo IQ now; the future resolves with its answer (or fails).
+
+        With ``answer_bytes`` the responder answers with an item like a get's
+        answer for a value of that size instead of an empty result.
+        """
         iq_id = f"{self._prefix}-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -199,8 +228,9 @@ class EchoRequester:
             self._pending.pop(iq_id, None)
 
         future.add_done_callback(settled)
+        shape = f" answer-bytes='{answer_bytes}'" if answer_bytes else ""
         self.xmpp.send_raw(f"<iq type='get' id='{iq_id}' to='{self._to}'>"
-                           f"<echo xmlns='{NS}' seq='{iq_id}'/></iq>")
+                           f"<echo xmlns='{NS}' seq='{iq_id}'{shape}/></iq>")
         return future
 
     def _take(self, xml: ET.Element) -> bool:

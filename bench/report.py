@@ -20,6 +20,8 @@ from typing import Any
 from bench.load import LoadResult, percentile
 
 ECHO = "echo"
+ECHO_ITEM = "echo-item"
+"""The echo answered with an item like a get's: the value carried, no store work."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Figure:
 
     @property
     def ops_per_s(self) -> float:
-        """The median over rounds (a run with one round: that round's)."""
+        """The median over runs: one per round, or one per slice at 1 in flight."""
         return statistics.median(run.ops_per_s for run in self.runs) if self.runs else 0.0
 
     def _latency_ms(self, fraction: float) -> float:
