@@ -7,7 +7,8 @@ rotating order, so the three systems share the machine's noise:
 
 * ``echo``: a raw IQ round trip (the ceiling), also at 256 in flight;
 * ``echo-item``: the same round trip answered with an item like a get's
-  answer (the value's bytes carried, none of the store's work);
+  answer, and ``echo-put``: carrying the value in the request and answered
+  like a put (the value's bytes routed, none of the store's work);
 * ``get``, ``put`` (durable), ``prefix`` (``get_prefix`` of a 100-key
   subtree), ``batch`` (``txn`` of 100 puts) and ``put_many`` (100 keys);
 * ``etcd-get``, ``etcd-put``, ``etcd-prefix`` and ``etcd-batch`` (one etcd
@@ -36,7 +37,7 @@ from bench.echo import EchoRequester, ResponderProcess
 from bench.etcd import Availability, EtcdError, EtcdLoad, EtcdServer
 from bench.load import LoadResult, closed_loop, percentile, threaded_closed_loop
 from bench.profile import Profile
-from bench.report import ECHO, ECHO_ITEM, Figure, Figures, Kind
+from bench.report import ECHO, ECHO_ITEM, ECHO_PUT, Figure, Figures, Kind
 from bench.runtime import Processes, guarded, progress, run_async
 from bench.watch import measure_watch
 from kvstore.client import Client
@@ -51,6 +52,7 @@ ECHO_CONCURRENCIES = [1, 16, 64, 256]
 STORE_KINDS = [
     Kind(ECHO, "echo"),
     Kind(ECHO_ITEM, "echo"),
+    Kind(ECHO_PUT, "echo"),
     Kind("get", "store", peer="etcd-get"),
     Kind("put", "store", peer="etcd-put"),
     Kind("prefix", "store", 100, peer="etcd-prefix"),
@@ -155,6 +157,9 @@ class CoreBench:
         def echo_item(_: int) -> asyncio.Future[None]:
             return self.requester.request(answer_bytes=len(value))
 
+        def echo_put(_: int) -> asyncio.Future[None]:
+            return self.requester.request(carry=value)
+
         async def get(sequence: int) -> object:
             return await client.get(work.get_keys[sequence % len(work.get_keys)])
 
@@ -173,7 +178,8 @@ class CoreBench:
         async def put_many(sequence: int) -> object:
             return await client.put_many(many[sequence % len(many)])
 
-        for name, operation in (("echo", echo), (ECHO_ITEM, echo_item), ("get", get),
+        for name, operation in (("echo", echo), (ECHO_ITEM, echo_item), (ECHO_PUT, echo_put),
+                                ("get", get),
                                 ("put", put), ("prefix", prefix), ("batch", batch),
                                 ("put_many", put_many)):
             self.runners[name] = self._async_runner(operation)

@@ -1,12 +1,17 @@
 """The ceiling: a raw IQ echo between two plain slixmpp clients.
 
 The responder answers every IQ get carrying ``<echo xmlns='urn:x-kvstore:bench-echo'/>``
-with an empty result. With ``answer-bytes='N'`` it answers instead with an
-``<item/>`` made like a storage node's answer to a single get of an N-byte
-value (the ``echo-item`` figure): the same bytes for the server to route,
-without the store's work, which tells the cost of carrying the value apart
-from the cost of the store. It runs in a process of its own (``python -m bench.echo``),
-as a storage node does, so the echo and the store cross the same boundaries:
+with an empty result. Two more shapes carry what the store's requests carry,
+without the store's work, to tell the cost of routing the value's bytes
+apart from the cost of the store:
+
+* ``answer-bytes='N'``: answered with an ``<item/>`` made like a storage
+  node's answer to a single get of an N-byte value (``echo-item``);
+* a request whose text is a base64 value, as a put's is: answered like a
+  put, with the new revision, version and create-rev (``echo-put``).
+
+The responder runs in a process of its own (``python -m bench.echo``), as a
+storage node does, so the echo and the store cross the same boundaries:
 bench process -> Prosody -> serving process and back.
 
 Both ends use the technique of :class:`kvstore.xmpp.Session`'s fast lane, so
@@ -44,7 +49,8 @@ from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings
 from protocol.model import KeyValue
-from protocol.stanza import item_text
+from protocol.stanza import NS as KV_NS
+from protocol.stanza import encode_value, item_text
 
 NS = "urn:x-kvstore:bench-echo"
 ECHO_TAG = f"{{{NS}}}echo"
@@ -86,6 +92,10 @@ def item_answer(value_bytes: int) -> str:
     record = KeyValue("/bench/get/k000000", bytes(value_bytes), version=1,
                       create_rev=5_000, mod_rev=5_000)
     return item_text(record, rev=123_456)
+
+
+PUT_ANSWER = f"<put xmlns='{KV_NS}' rev='123456' version='2' create-rev='5000'/>"
+"""Shaped like a storage node's answer to a put."""
 
 
 def _attribute(text: str) -> str:
@@ -163,7 +173,7 @@ class EchoResponder:
             sender = xml.get("from")
             recipient = f" to='{_attribute(sender)}'" if sender else ""
             size = child.get("answer-bytes")
-            payload = self._item(size) if size else ""
+            payload = self._item(size) if size else PUT_ANSWER if child.text else ""
             self.xmpp.send_raw(
                 f"<iq type='result' id='{_attribute(xml.get('id', ''))}'{recipient}>"
                 f"{payload}</iq>")
@@ -208,11 +218,12 @@ class EchoRequester:
         self._pending.clear()
         await logout(self.xmpp)
 
-    def request(self, answer_bytes: int = 0) -> asyncio.Future[None]:
+    def request(self, answer_bytes: int = 0, carry: bytes = b"") -> asyncio.Future[None]:
         """Send one echo IQ now; the future resolves with its answer (or fails).
 
         With ``answer_bytes`` the responder answers with an item like a get's
-        answer for a value of that size instead of an empty result.
+        answer for a value of that size instead of an empty result; ``carry``
+        goes in the request as a put's value does, and is answered like a put.
         """
         iq_id = f"{self._prefix}-{next(self._ids)}"
         loop = asyncio.get_running_loop()
@@ -229,8 +240,9 @@ class EchoRequester:
 
         future.add_done_callback(settled)
         shape = f" answer-bytes='{answer_bytes}'" if answer_bytes else ""
+        body = f">{encode_value(carry)}</echo>" if carry else "/>"
         self.xmpp.send_raw(f"<iq type='get' id='{iq_id}' to='{self._to}'>"
-                           f"<echo xmlns='{NS}' seq='{iq_id}'{shape}/></iq>")
+                           f"<echo xmlns='{NS}' seq='{iq_id}'{shape}{body}</iq>")
         return future
 
     def _take(self, xml: ET.Element) -> bool:

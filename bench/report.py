@@ -22,6 +22,8 @@ from bench.load import LoadResult, percentile
 ECHO = "echo"
 ECHO_ITEM = "echo-item"
 """The echo answered with an item like a get's: the value carried, no store work."""
+ECHO_PUT = "echo-put"
+"""The echo carrying a value in its request and answered like a put."""
 
 
 @dataclass(frozen=True)

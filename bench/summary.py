@@ -6,9 +6,11 @@ Headline keys (all in the JSON's top level):
 * ``get_vs_etcd``, ``put_vs_etcd``: store ops/s over etcd's, 64 in flight;
 * ``seq_get_p50_vs_echo``: the store's median get latency at 1 in flight
   over the echo's;
-* ``get_vs_echo_item``, ``seq_get_p50_vs_echo_item``: the same two ratios
-  against the echo answered with a get-sized item (not targets: they separate
-  the store's own cost from the cost of carrying the value);
+* ``get_vs_echo_item``, ``seq_get_p50_vs_echo_item``, ``put_vs_echo_put``:
+  the same ratios against the echoes shaped like a get and a put (not
+  targets: they separate the store's own cost from the cost of routing the
+  value), and ``echo_put_vs_etcd_put``, the ``put_vs_etcd`` that the
+  transport alone would reach;
 * ``batch_keys_per_s``: keys per second written by ``txn`` batches of 100
   puts, the best of 1, 16 and 64 in flight;
 * ``list_10k_ms``: median milliseconds per full listing of 10,000 children;
@@ -24,7 +26,7 @@ from typing import Any
 
 from bench import scale
 from bench.core import CONCURRENCIES, ECHO_CONCURRENCIES
-from bench.report import ECHO, ECHO_ITEM, core_summary, core_table, fmt, ratio, section
+from bench.report import ECHO, ECHO_ITEM, ECHO_PUT, core_summary, core_table, fmt, ratio, section
 
 TOP = 64
 
@@ -91,6 +93,8 @@ def headline(outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out[f"seq_get_p50_vs_echo{key}"] = \
             ratio(get1.p50_ms, echo1.p50_ms) if get1 and echo1 else None
     out["get_vs_echo_item"] = versus("get", ECHO_ITEM)
+    out["put_vs_echo_put"] = versus("put", ECHO_PUT)
+    out["echo_put_vs_etcd_put"] = versus(ECHO_PUT, "etcd-put")
     batches = [(c, _figure(core, "batch", c)) for c in CONCURRENCIES]
     batches = [(c, f) for c, f in batches if f is not None]
     if batches:
@@ -133,8 +137,8 @@ def _core_text(core: dict[str, Any], head: dict[str, Any]) -> list[str]:
              core_table(figures, kinds, ECHO_CONCURRENCIES), "",
              "ops/s vs echo: throughput over the echo's at the same concurrency (1.0 = the "
              "transport's ceiling).",
-             "echo-item: the echo answered with an item like a get's (the value's bytes, "
-             "none of the store's work).",
+             "echo-item, echo-put: the echo shaped like a get's answer and like a put "
+             "(the value's bytes routed, none of the store's work).",
              "vs etcd: the store's throughput over etcd's for the same work (put_many is "
              "compared with etcd-batch).",
              "keys/s: ops/s x keys per request (100 for prefix, batch, put_many).", ""]
@@ -154,7 +158,8 @@ def _core_text(core: dict[str, Any], head: dict[str, Any]) -> list[str]:
     rows = [(name, fmt(head.get(name), 3 if "keys_per_s" not in name else 0))
             for name in ("get_vs_echo", "put_vs_echo", "get_vs_etcd", "put_vs_etcd",
                          "prefix_vs_etcd", "batch_vs_etcd", "seq_get_p50_vs_echo",
-                         "get_vs_echo_item", "seq_get_p50_vs_echo_item", "batch_keys_per_s",
+                         "get_vs_echo_item", "seq_get_p50_vs_echo_item", "put_vs_echo_put",
+                         "echo_put_vs_etcd_put", "batch_keys_per_s",
                          "put_many_keys_per_s", "etcd_batch_keys_per_s")]
     lines.append(section("Headline ratios (64 in flight unless said otherwise)", rows))
     return lines
