@@ -140,6 +140,8 @@ class StorageNode:
         """Leases granted here; after a restart each gets its full time again."""
         self._expiring: dict[str, asyncio.TimerHandle] = {}
         self._missed_pings: dict[str, int] = {}
+        self._heard: dict[str, float] = {}
+        """Holder -> when its last request arrived (monotonic): a request proves life."""
         self._handlers = {
             ("get", "get"): self._on_get,
             ("get", "list"): self._on_list,
@@ -259,6 +261,8 @@ class StorageNode:
         handler = self._handlers.get((request.type, name))
         try:
             sender = request.sender
+            if sender in self.holders:
+                self._heard[sender] = time.monotonic()
             if not self.policy.known(sender):
                 log.warning("refused <%s/> from %s: not a JID this node's policy knows",
                             name, sender)
@@ -656,7 +660,9 @@ class StorageNode:
     # A crashed writer's stream closes and the server sends its unavailable
     # presence at once; after a short grace period (a reconnect keeps the
     # keys) they go. A hung writer sends nothing and the server says nothing,
-    # so the node pings every holder (XEP-0199) and takes silence for death.
+    # so the node pings every holder (XEP-0199) and takes silence for death:
+    # two pings missed in a row, unless a request from the holder arrived
+    # meanwhile (a busy holder's answer can wait behind its own requests).
 
     def _expire_soon(self, owner: str) -> None:
         self._expiring.pop(owner, None)
@@ -666,6 +672,7 @@ class StorageNode:
     async def expire_session(self, owner: str) -> int:
         """Delete every ephemeral key of the session ``owner`` (a full JID)."""
         self.holders.discard(owner)
+        self._heard.pop(owner, None)
         timer = self._expiring.pop(owner, None)
         if timer is not None:
             timer.cancel()
@@ -684,14 +691,20 @@ class StorageNode:
                     continue
                 ping = self.session.iq(owner, "get", "<ping xmlns='urn:xmpp:ping'/>")
                 future = self.session.send_iq(ping, self.config.ping_timeout)
-                future.add_done_callback(lambda done, who=owner: self._pinged(who, done))
+                sent = time.monotonic()
+                future.add_done_callback(
+                    lambda done, who=owner, at=sent: self._pinged(who, done, at))
 
-    def _pinged(self, owner: str, done: asyncio.Future[Any]) -> None:
+    def _pinged(self, owner: str, done: asyncio.Future[Any], sent: float) -> None:
         error = done.exception()
         if error is None or not isinstance(error, Unavailable):
             self._missed_pings.pop(owner, None)  # any answer proves life
             return
         if owner not in self.holders or not self.session.online.is_set():
+            return
+        if isinstance(error, Timeout) and self._heard.get(owner, -math.inf) >= sent:
+            # Its ping answer is stuck behind its own requests: busy, not hung.
+            self._missed_pings.pop(owner, None)
             return
         if isinstance(error, Timeout):
             # Silence: hung, or only slow (a congested server delays everyone's

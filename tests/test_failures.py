@@ -14,7 +14,7 @@ from kvstore.config import ConnectionSettings
 from kvstore.devcluster import DevCluster
 from kvstore.testing import free_port
 from kvstore.xmpp import AuthenticationFailed
-from protocol.errors import KvError, Timeout, Unavailable
+from protocol.errors import KeyNotFound, KvError, Timeout, Unavailable
 
 
 async def test_client_learns_within_a_second_that_a_node_went_away(
@@ -99,6 +99,32 @@ async def test_acknowledged_writes_survive_kill_9_under_load(
         stored = {item.key: item.value for item in (await kv.get_prefix("/load")).items}
     lost = [key for key in acked if stored.get(key) != acked[key]]
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged writes lost, e.g. {lost[:3]}"
+
+
+async def test_a_busy_holder_keeps_its_ephemeral_keys_and_a_silent_one_loses_them(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    dev = make_cluster(node_settings={"ephemeral": {"ping_interval": 0.3, "ping_timeout": 0.3}})
+    async with Client(dev.settings()) as kv, \
+            Client(dev.settings(), resource="holder") as holder:
+        # The holder never answers a ping, as if every answer were stuck in a
+        # queue behind its own traffic.
+        holder.session.route("{urn:xmpp:ping}ping", lambda _request: None)
+        await holder.put("/busy/key", b"1", ephemeral=True)
+        # Its requests keep arriving for several ping rounds: busy, not hung.
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            await holder.get("/busy/key")
+            await asyncio.sleep(0.05)
+        assert (await kv.get("/busy/key")).value == b"1"
+        # Silent now: two missed pings and the key goes.
+        started = time.monotonic()
+        while True:
+            try:
+                await kv.get("/busy/key")
+            except KeyNotFound:
+                break
+            assert time.monotonic() - started < 3.0, "a silent holder kept its key"
+            await asyncio.sleep(0.05)
 
 
 async def test_a_frozen_server_gives_timeouts_not_hangs_and_then_recovery(
