@@ -34,12 +34,10 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from slixmpp import ClientXMPP
 from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings
+from kvstore.testing.process import stop_process, wait_for_line
 from protocol.model import KeyValue
 from protocol.stanza import NS as KV_NS
 from protocol.stanza import encode_value, item_text
@@ -304,17 +303,10 @@ class ResponderProcess:
                   "host": self.settings.host, "port": self.settings.port}
         self.process.stdin.write(json.dumps(config).encode() + b"\n")
         self.process.stdin.flush()
-        deadline = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.1)
-            if ready:
-                line = self.process.stdout.readline()
-                if line.startswith(b"ready: "):
-                    self.jid = line[len(b"ready: "):].decode().strip()
-                    return self.jid
-                if not line and self.process.poll() is not None:
-                    break
+        line = wait_for_line(self.process, b"ready: ", timeout)
+        if line.startswith(b"ready: "):
+            self.jid = line[len(b"ready: "):].decode().strip()
+            return self.jid
         self.stop()
         raise EchoError(f"the echo responder did not start (last output {line!r}); "
                         f"see {self.log_path}")
@@ -330,12 +322,7 @@ class ResponderProcess:
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout)
 
 
 async def _serve(config: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from kvstore.testing.process import stop_process
 from kvstore.testing.prosody import free_port
 
 DEBIAN_BINARY = "/usr/bin/etcd"
@@ -160,14 +161,8 @@ class EtcdServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, timeout)
 
 
 class EtcdLoad:

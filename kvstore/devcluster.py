@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.config import ConnectionSettings
+from kvstore.testing.process import wait_for_line
 from kvstore.testing.prosody import Prosody
 from protocol import keys
 from protocol.errors import Unavailable
@@ -176,17 +176,10 @@ class DevCluster:
         log.close()
 
     def _wait_ready(self, node: NodeProcess, timeout: float) -> None:
-        assert node.process is not None and node.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([node.process.stdout], [], [], 0.1)
-            if ready:
-                line = node.process.stdout.readline()
-                if line.startswith(b"ready:"):
-                    return
-                if not line and node.process.poll() is not None:
-                    break
+        assert node.process is not None
+        line = wait_for_line(node.process, b"ready:", timeout)
+        if line.startswith(b"ready:"):
+            return
         raise Unavailable(f"storage node {node.name} did not start (last output {line!r}); "
                           f"see {node.folder / 'node.log'}")
 

@@ -78,10 +78,7 @@ class Lease:
     async def _keep_alive(self) -> None:
         while not self.revoked:
             await asyncio.sleep(self.ttl / 3)
-            for bare, lease_id in list(self.ids.items()):
-                node = self.client.directory.nodes.get(bare)
-                if node is None or not node.online:
-                    continue
+            for bare, lease_id, node in self._held_online():
                 request = wire.Lease()
                 request.set_attrs(action="keepalive", id=lease_id)
                 try:
@@ -94,16 +91,22 @@ class Lease:
                 except KvError as error:
                     log.info("keeping lease %s on %s alive failed: %s", lease_id, bare, error)
 
+    def _held_online(self) -> list[tuple[str, str, NodeInfo]]:
+        """(node's bare JID, lease id, node) for every node holding the lease and online now."""
+        held = []
+        for bare, lease_id in list(self.ids.items()):
+            node = self.client.directory.nodes.get(bare)
+            if node is not None and node.online:
+                held.append((bare, lease_id, node))
+        return held
+
     async def revoke(self) -> int:
         """End the lease on every node now; returns how many keys went with it."""
         self.revoked = True
         if self._keeper is not None:
             self._keeper.cancel()
         deleted = 0
-        for bare, lease_id in list(self.ids.items()):
-            node = self.client.directory.nodes.get(bare)
-            if node is None or not node.online:
-                continue
+        for _bare, lease_id, node in self._held_online():
             request = wire.Lease()
             request.set_attrs(action="revoke", id=lease_id)
             try:

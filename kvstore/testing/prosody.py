@@ -22,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+from kvstore.testing.process import stop_process
 from protocol.errors import Unavailable
 
 DOMAIN = "localhost"
@@ -172,14 +173,8 @@ VirtualHost {_lua_string(self.domain)}
 
     def stop(self, timeout: float = 5.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        if process is not None:
+            stop_process(process, timeout)
 
     def pause(self) -> None:
         """SIGSTOP the server: it holds every connection and answers nothing."""
