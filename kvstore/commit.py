@@ -31,10 +31,14 @@ class Committer:
     """Queues write ops and commits them in batches on one writer thread."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 1000,
-                 on_commit: Callable[[list[Change]], None] | None = None) -> None:
+                 on_commit: Callable[[list[Change]], None] | None = None,
+                 on_settled: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.on_commit = on_commit
+        """Called with a commit's changes before its writes' futures are settled."""
+        self.on_settled = on_settled
+        """Called once a batch's futures are settled, before their callbacks run."""
         self._inbox: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_loop, name="kv-commit", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +125,8 @@ class Committer:
         self._pending -= len(batch)
         if self._pending == 0:
             self._idle.set()
+        if self.on_settled is not None:
+            self.on_settled()
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued write is committed."""

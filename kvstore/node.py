@@ -125,7 +125,9 @@ class StorageNode:
         self.store.directory.add_local(str(self.jid), {s: 0 for s in self.own_shards},
                                        self.limits.max_value_bytes)
         self._in_flight: dict[str, int] = {}
-        self.committer = Committer(self.engine, on_commit=self._on_commit)
+        # The answers to one commit's writes leave in one write to the socket.
+        self.committer = Committer(self.engine, on_commit=self._on_commit,
+                                   on_settled=self.session.send_together)
         self.started = time.time()
         self.peers: set[str] = set()
         """Full JIDs whose available presence the node has seen."""

@@ -172,6 +172,7 @@ class Session:
         self._id_prefix = secrets.token_hex(3)
         self.routes: dict[str, Route] = {_PING_TAG: self._on_ping}
         """Payload tag -> handler, for IQ get/set taken off the fast lane."""
+        self._held: list[str] | None = None
         self.xmpp.add_event_handler("session_start", self._on_session_start)
         self.xmpp.add_event_handler("connection_failed", self._on_connection_failed)
         self.xmpp.add_event_handler("failed_all_auth", self._on_auth_failed)
@@ -400,7 +401,7 @@ class Session:
             self._pending.pop(iq_id, None)
 
         future.add_done_callback(settled)
-        self.xmpp.send_raw(
+        self._write(
             f"<iq type='{iq.type}' id='{iq_id}' to='{xmltext.escape_attribute(iq.to)}'>"
             f"{_payload_text(iq.payload)}</iq>"
         )
@@ -435,10 +436,36 @@ class Session:
             return
         to = request.sender
         recipient = f" to='{xmltext.escape_attribute(to)}'" if to else ""
-        self.xmpp.send_raw(
+        self._write(
             f"<iq type='{type_}' id='{xmltext.escape_attribute(request.id)}'{recipient}>"
             f"{_payload_text(payload)}</iq>"
         )
+
+    def send_together(self) -> None:
+        """Hold what this session sends until the callbacks already queued have run.
+
+        Then it goes out in one write. For a burst that is ready at one moment
+        (the answers to the writes of one group commit, whose callbacks the
+        commit has just queued): one system call instead of one per answer,
+        and Prosody reads them in one go. The event loop runs callbacks in the
+        order they were queued, so the release comes right after the burst.
+        Answers produced one by one as requests arrive are not held: sending
+        each at once lets Prosody route it while the next is made.
+        """
+        if self._held is None:
+            self._held = []
+            asyncio.get_running_loop().call_soon(self._send_held)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held and self.xmpp.transport is not None:
+            self.xmpp.send_raw("".join(held))
+
+    def _write(self, text: str) -> None:
+        if self._held is not None:
+            self._held.append(text)
+        else:
+            self.xmpp.send_raw(text)
 
     def reply_error(self, request: Inbound, error: KvError) -> None:
         self.reply(request, error_element(error), "error")

@@ -142,6 +142,33 @@ async def test_on_commit_sees_the_changes_before_the_futures_resolve(
         committer.close()
 
 
+async def test_on_settled_runs_after_a_batch_settles_and_before_its_callbacks(
+        engine: CountingEngine) -> None:
+    events: list[object] = []
+    futures: list[asyncio.Future[Outcome]] = []
+    committer = Committer(
+        engine, on_settled=lambda: events.append(("settled", [f.done() for f in futures])))
+    try:
+        futures += [committer.submit(PutOp(ROOT, f"/k{i}", b"")) for i in range(3)]
+        for i, future in enumerate(futures):
+            future.add_done_callback(lambda _, i=i: events.append(("callback", i)))
+        await asyncio.gather(*futures)
+        await asyncio.sleep(0)
+        assert events == [("settled", [True] * 3), ("callback", 0), ("callback", 1),
+                          ("callback", 2)]
+        # A failed batch settles too.
+        events.clear()
+        engine.fail_with = KvError("disk on fire")
+        failed = committer.submit(PutOp(ROOT, "/k", b""))
+        failed.add_done_callback(lambda _: events.append("callback"))
+        with pytest.raises(KvError, match="disk on fire"):
+            await failed
+        await asyncio.sleep(0)
+        assert events == [("settled", [True] * 3), "callback"]
+    finally:
+        committer.close()
+
+
 async def test_a_failing_on_commit_does_not_lose_the_writes(engine: CountingEngine) -> None:
     def on_commit(changes: list[Change]) -> None:
         raise RuntimeError("subscriber broke")
