@@ -313,20 +313,15 @@ class Client:
                 limit=node.max_value)
         lease_id = await lease.id_on(node, timeout) if lease is not None else None
 
-        def make(shard: str) -> wire.Put:
-            request = wire.Put()
-            request.set_attrs(key=key, if_version=if_version,
-                              if_mod_rev=if_mod_rev, ephemeral=ephemeral, lease=lease_id)
-            request.value = data
-            return request
-
-        result, shard = await self._routed(key, make, "set", timeout)
-        answer = _answer(result, wire.Put)
-        rev = answer.int_attr("rev", 0) or 0
+        request = wire.put_text(key, data, if_version=if_version, if_mod_rev=if_mod_rev,
+                                ephemeral=ephemeral, lease=lease_id)
+        result, shard = await self._routed(key, lambda _shard: request, "set", timeout)
+        answer = payload_of(result)
+        rev = wire.parse_int(answer.get("rev"), "rev", default=0) or 0
         return PutResult(
             rev=rev,
-            version=answer.int_attr("version", 0) or 0,
-            create_rev=answer.int_attr("create-rev", 0) or 0,
+            version=wire.parse_int(answer.get("version"), "version", default=0) or 0,
+            create_rev=wire.parse_int(answer.get("create-rev"), "create-rev", default=0) or 0,
             mod_rev=rev,
             shard=shard,
         )

@@ -133,6 +133,25 @@ def get_text(key: str) -> str:
     return f"<get xmlns='{NS}' key='{xmltext.escape_attribute(key)}'/>"
 
 
+def put_text(key: str, value: bytes, *, if_version: int | None = None,
+             if_mod_rev: int | None = None, ephemeral: bool = False,
+             lease: str | None = None) -> str:
+    """A single put request as text: the :class:`Put` element, written straight to text."""
+    extra = ""
+    if if_version is not None:
+        extra += f" if-version='{if_version}'"
+    if if_mod_rev is not None:
+        extra += f" if-mod-rev='{if_mod_rev}'"
+    if ephemeral:
+        extra += " ephemeral='true'"
+    if lease is not None:
+        extra += f" lease='{xmltext.escape_attribute(lease)}'"
+    key_attr = xmltext.escape_attribute(key)
+    if not value:
+        return f"<put xmlns='{NS}' key='{key_attr}'{extra}/>"
+    return f"<put xmlns='{NS}' key='{key_attr}'{extra}>{encode_value(value)}</put>"
+
+
 def parse_item(element: ET.Element) -> KeyValue:
     key = element.get("key")
     if not key:

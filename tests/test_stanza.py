@@ -34,6 +34,11 @@ def reparse(element: ET.Element) -> ET.Element:
     return ET.fromstring(ET.tostring(element))
 
 
+def reparse_text(text: str) -> ET.Element:
+    """Parse a payload written as text, inside an IQ as it travels."""
+    return ET.fromstring(f"<iq xmlns='jabber:client'>{text}</iq>")[0]
+
+
 # --- values and numbers ---------------------------------------------------------
 
 
@@ -245,6 +250,25 @@ def test_put_value_property() -> None:
     put.value = b""
     assert put.xml.text is None
     assert put.value == b""
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"if_version": 0},
+    {"if_version": 3, "if_mod_rev": 17},
+    {"ephemeral": True},
+    {"lease": "l-1&'<x>"},
+])
+@pytest.mark.parametrize("value", [b"", b"\x00\xff binary", b"<&'\">" * 50])
+def test_put_text_says_what_the_put_element_says(options: dict, value: bytes) -> None:
+    key = "/a b/k&'<\"x\">/\u00e9"
+    element = wire.Put()
+    element.set_attrs(key=key, **options)
+    element.value = value
+    parsed = reparse_text(wire.put_text(key, value, **options))
+    assert parsed.tag == element.xml.tag
+    assert parsed.attrib == element.xml.attrib
+    assert wire.Put(xml=parsed).value == value
 
 
 def test_shard_list_round_trip() -> None:
