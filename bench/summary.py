@@ -254,8 +254,8 @@ def _agents_text(agents: dict[str, Any]) -> list[str]:
         ("  discovery after start-up",
          f"{startup['discovered_at_once']} found at once, {startup['discovered']} at the end; "
          f"all that started found at {fmt(startup['all_discoverable_s'])} s"),
-        ("  node's log", f"{startup.get('node_log_ping_failures', '-')} agents took too long to "
-                         f"answer a ping, {startup.get('node_log_sessions_expired', '-')} "
+        ("  node's log", f"{startup.get('node_log_ping_failures', '-')} sessions missed two "
+                         f"pings in a row, {startup.get('node_log_sessions_expired', '-')} "
                          f"sessions' ephemeral keys deleted"),
         ("  CPU % of a core", _cpu(startup["cpu_percent"])),
     ])]
