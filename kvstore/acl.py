@@ -147,7 +147,9 @@ class Policy:
     # --- who is who -------------------------------------------------------
 
     def groups_of(self, jid: str) -> frozenset[str]:
-        who = bare(jid)
+        return self._groups(bare(jid))
+
+    def _groups(self, who: str) -> frozenset[str]:
         cached = self._groups_cache.get(who)
         if cached is not None:
             return cached
@@ -163,21 +165,28 @@ class Policy:
         return bare(jid) in self.peers
 
     def is_admin(self, jid: str) -> bool:
-        who = bare(jid)
-        return who in self.settings.admins or "admins" in self.groups_of(who)
+        return self._admin(bare(jid))
+
+    def _admin(self, who: str) -> bool:
+        return who in self.settings.admins or "admins" in self._groups(who)
+
+    def _trusted(self, who: str) -> bool:
+        """A peer node or an admin (``who``: a bare JID): allowed everything."""
+        return who in self.peers or self._admin(who)
 
     def known(self, jid: str) -> bool:
         if not self.enabled:
             return True
-        who = bare(jid)
-        return (self.is_peer(who) or self.is_admin(who) or bool(self.groups_of(who))
+        return self._known(bare(jid))
+
+    def _known(self, who: str) -> bool:
+        return (self._trusted(who) or bool(self._groups(who))
                 or any(rule.principal == who for rule in self.rules))
 
     # --- decisions --------------------------------------------------------
 
-    def _principals(self, jid: str) -> tuple[str, set[str]]:
-        who = bare(jid)
-        return who, {GROUP_PREFIX + g for g in self.groups_of(who)}
+    def _principals(self, who: str) -> set[str]:
+        return {GROUP_PREFIX + g for g in self._groups(who)}
 
     def _rule_decision(self, who: str, groups: set[str], perm: str, key: str) -> bool:
         best_depth = -1
@@ -209,32 +218,33 @@ class Policy:
     def allows(self, jid: str, perm: str, key: str) -> bool:
         if not self.enabled:
             return True
-        who, groups = self._principals(jid)
-        if self.is_peer(who) or self.is_admin(who):
+        who = bare(jid)
+        if self._trusted(who):
             return True
-        if not self.known(who):
+        if not self._known(who):
             return False
         if keys.is_prefix(ACL_ROOT, key):
             return perm != WRITE
         if perm == WRITE and self._self_write(who, key):
             return True
-        return self._rule_decision(who, groups, perm, key)
+        return self._rule_decision(who, self._principals(who), perm, key)
 
     def allows_subtree(self, jid: str, perm: str, key: str) -> bool:
         """``perm`` on ``key`` and on everything below it (for a prefix delete)."""
         if not self.allows(jid, perm, key):
             return False
-        if not self.enabled or self.is_peer(jid) or self.is_admin(jid):
+        who = bare(jid)
+        if not self.enabled or self._trusted(who):
             return True
         if keys.is_prefix(key, ACL_ROOT) and perm == WRITE:
             return False
-        who, groups = self._principals(jid)
+        groups = self._principals(who)
         return all(self._rule_decision(who, groups, perm, rule.subtree)
                    for rule in self.rules if keys.is_strict_prefix(key, rule.subtree))
 
     def reader(self, jid: str) -> Callable[[str], bool]:
         """A predicate: may ``jid`` read this key? (for filtering answers and events)"""
-        if not self.enabled or self.is_peer(jid) or self.is_admin(jid):
+        if not self.enabled or self._trusted(bare(jid)):
             return _everything
         return lambda key: self.allows(jid, READ, key)
 
