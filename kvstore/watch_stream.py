@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +121,7 @@ class WatchStream:
             self.subs[shard] = _ShardSub(shard, self._since(shard))
         self.client.watches.open.add(self)
         try:
-            await asyncio.gather(*(self._subscribe(sub, strict=sub.shard == top)
+            await asyncio.gather(*(self._subscription(sub, strict=sub.shard == top)
                                    for sub in self.subs.values()))
         except BaseException:
             await self.close()
@@ -234,18 +234,34 @@ class WatchStream:
     def _spawn_subscribe(self, sub: _ShardSub) -> None:
         if self._closed or sub.subscribing or sub.watch_id is not None:
             return
-        task = asyncio.ensure_future(self._subscribe(sub, strict=False))
+        task = asyncio.ensure_future(self._subscription(sub, strict=False))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _subscription(self, sub: _ShardSub, *, strict: bool) -> Coroutine[Any, Any, None]:
+        """Subscribe ``sub`` (awaited, or run as a task).
+
+        The subscription counts as under way from this call on, not from when
+        the coroutine first runs: a node's presence handled in between would
+        otherwise start a second one for the same shard, and the node would
+        keep the first watch for nothing (counted against the watcher's limit).
+        """
+        sub.subscribing = True
+        return self._subscribe(sub, strict=strict)
+
     async def _subscribe(self, sub: _ShardSub, *, strict: bool) -> None:
+        try:
+            await self._subscribe_once(sub, strict=strict)
+        finally:
+            sub.subscribing = False
+
+    async def _subscribe_once(self, sub: _ShardSub, *, strict: bool) -> None:
         node = self.client.directory.owner(sub.shard)
         if node is None or node.jid is None:
             self._lose(sub)
             if strict:
                 raise Unavailable(f"no storage node serving shard {sub.shard} is online")
             return
-        sub.subscribing = True
         watch_id = f"{self.client.session.jid.resource}-{secrets.token_hex(2)}-{next(self._ids)}"
         sub.watch_id, sub.node_jid = watch_id, node.jid
         self.client.watches.routes[watch_id] = (self, sub)
@@ -273,8 +289,6 @@ class WatchStream:
                 raise
             log.info("resubscribing to %s failed: %s", sub.shard, error)
             return
-        finally:
-            sub.subscribing = False
         if sub.watch_id != watch_id:
             return  # lost again while subscribing
         started = wire.Watch(xml=payload_of(result)).int_attr("start-rev", 0)

@@ -386,3 +386,33 @@ async def test_an_idle_watch_is_bookmarked_by_progress_notices(kv: Client, prefi
             await stream.next(timeout=0.5)
     await stream.close()
     assert before <= elsewhere.rev < stream.revisions()["/"]
+
+
+async def test_a_node_presence_while_a_watch_starts_does_not_subscribe_it_twice(
+        kv: Client, prefix: str) -> None:
+    """The presence of the key's node, handled after ``start()`` has queued its
+    subscription and before it runs, must not start a second one: the node
+    would keep the first watch for nothing, against the watcher's limit."""
+    sent: list[str] = []
+    call = kv._call
+
+    def counting_call(node, type_, payload, timeout):  # type: ignore[no-untyped-def]
+        if getattr(payload, "name", None) == "watch":
+            sent.append(payload.xml.get("id"))
+        return call(node, type_, payload, timeout)
+
+    kv._call = counting_call  # type: ignore[method-assign]
+    stream = kv.watch(f"{prefix}/k")
+    node = kv.directory.owner(kv.directory.shard_of(f"{prefix}/k"))
+    assert node is not None
+    # Queued before start(), so it runs after start() queues its subscription.
+    asyncio.get_running_loop().call_soon(kv.watches._on_node, node)
+    await stream.start()
+    await asyncio.sleep(0.2)  # a second subscription would have been sent by now
+    assert len(sent) == 1
+    assert [watch_id for watch_id, (owner, _) in kv.watches.routes.items()
+            if owner is stream] == sent
+    await kv.put(f"{prefix}/k", b"once")
+    events = await collect(stream, 1)
+    assert [e.kv.value for e in events] == [b"once"]
+    await stream.close()
