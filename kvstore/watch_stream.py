@@ -371,8 +371,10 @@ class WatchRegistry:
                 continue
             for shard, announced in node.shards.items():
                 sub = stream.subs.get(shard)
-                if sub is not None and sub.resume is None:
+                if sub is not None and sub.resume is None and not sub.subscribing:
                     # Never subscribed yet: it has taken nothing since it announced.
+                    # (A first subscription under way starts from the node's
+                    # current revision, as a new watch should.)
                     sub.resume = announced + 1
                 if sub is None:
                     if not (stream.prefix and keys.is_strict_prefix(stream.key, shard)):

@@ -391,8 +391,9 @@ async def test_an_idle_watch_is_bookmarked_by_progress_notices(kv: Client, prefi
 async def test_a_node_presence_while_a_watch_starts_does_not_subscribe_it_twice(
         kv: Client, prefix: str) -> None:
     """The presence of the key's node, handled after ``start()`` has queued its
-    subscription and before it runs, must not start a second one: the node
-    would keep the first watch for nothing, against the watcher's limit."""
+    subscription and before it runs, must not start a second one (the node
+    would keep the first watch for nothing, against the watcher's limit), nor
+    move the new watch's start back to the revision the node announced."""
     sent: list[str] = []
     call = kv._call
 
@@ -401,6 +402,7 @@ async def test_a_node_presence_while_a_watch_starts_does_not_subscribe_it_twice(
             sent.append(payload.xml.get("id"))
         return call(node, type_, payload, timeout)
 
+    await kv.put(f"{prefix}/k", b"before")  # older than the watch: not for it
     kv._call = counting_call  # type: ignore[method-assign]
     stream = kv.watch(f"{prefix}/k")
     node = kv.directory.owner(kv.directory.shard_of(f"{prefix}/k"))
