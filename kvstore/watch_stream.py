@@ -251,19 +251,28 @@ class WatchStream:
 
     async def _subscribe(self, sub: _ShardSub, *, strict: bool) -> None:
         try:
-            await self._subscribe_once(sub, strict=strict)
+            asked = await self._subscribe_once(sub, strict=strict)
         finally:
             sub.subscribing = False
+        # The node went away or came back as a new session while the request
+        # was out: the presence that told us found this subscription under way
+        # and left it alone, so take it up with the node's session of now.
+        if sub.watch_id is None and not self._closed and self._error is None:
+            node = self.client.directory.owner(sub.shard)
+            if node is not None and node.jid is not None and node.jid != asked:
+                self._spawn_subscribe(sub)
 
-    async def _subscribe_once(self, sub: _ShardSub, *, strict: bool) -> None:
+    async def _subscribe_once(self, sub: _ShardSub, *, strict: bool) -> str | None:
+        """One watch request; returns the node session it was sent to."""
         node = self.client.directory.owner(sub.shard)
         if node is None or node.jid is None:
             self._lose(sub)
             if strict:
                 raise Unavailable(f"no storage node serving shard {sub.shard} is online")
-            return
+            return None
+        asked = node.jid  # the directory updates ``node`` in place when its session changes
         watch_id = f"{self.client.session.jid.resource}-{secrets.token_hex(2)}-{next(self._ids)}"
-        sub.watch_id, sub.node_jid = watch_id, node.jid
+        sub.watch_id, sub.node_jid = watch_id, asked
         self.client.watches.routes[watch_id] = (self, sub)
         request = wire.Watch()
         request.set_attrs(id=watch_id, key=self.key, shard=sub.shard, prefix=self.prefix,
@@ -275,27 +284,28 @@ class WatchStream:
             self._fail(error)
             if strict:
                 raise
-            return
+            return asked
         except NotOwner as error:
             self.client.directory.learn_shard(error.shard)
             self._lose(sub)
             self._fail(Unavailable(f"shard {sub.shard} moved: {error}"))
             if strict:
                 raise Unavailable(str(error)) from None
-            return
+            return asked
         except KvError as error:
             self._lose(sub)
             if strict:
                 raise
             log.info("resubscribing to %s failed: %s", sub.shard, error)
-            return
+            return asked
         if sub.watch_id != watch_id:
-            return  # lost again while subscribing
+            return asked  # lost again while subscribing
         started = wire.Watch(xml=payload_of(result)).int_attr("start-rev", 0)
         if sub.resume is None:
             sub.resume = started
         sub.lost_since = None
         self.resubscriptions += 1
+        return asked
 
     # --- pushes -----------------------------------------------------------
 

@@ -418,3 +418,27 @@ async def test_a_node_presence_while_a_watch_starts_does_not_subscribe_it_twice(
     events = await collect(stream, 1)
     assert [e.kv.value for e in events] == [b"once"]
     await stream.close()
+
+
+async def test_a_watch_follows_its_node_to_a_new_session_met_while_resubscribing(
+        kv: Client, prefix: str) -> None:
+    """The node comes back as a new session while the watch's request to its
+    previous session is out: the watch takes up the new session, not stall."""
+    key = f"{prefix}/k"
+    stream = kv.watch(key)
+    await stream.start()
+    node = kv.directory.owner(kv.directory.shard_of(key))
+    assert node is not None and node.jid is not None
+    real = node.jid
+    # The node "went" to a session that no longer exists: the stream resubscribes there...
+    node.jid = real.split("/")[0] + "/a-session-gone-meanwhile"
+    kv.watches._on_node(node)
+    await asyncio.sleep(0)  # ...and its request is out
+    # ...when the node is seen again at its session of now.
+    node.jid = real
+    kv.watches._on_node(node)
+    await asyncio.sleep(0.5)
+    await kv.put(key, b"after")
+    events = await collect(stream, 1, timeout=5.0)
+    assert [e.kv.value for e in events] == [b"after"]
+    await stream.close()
