@@ -50,6 +50,7 @@ from kvstore.testing.process import stop_process, wait_for_line
 from protocol.model import KeyValue
 from protocol.stanza import NS as KV_NS
 from protocol.stanza import encode_value, item_text
+from protocol.xmltext import escape_attribute
 
 NS = "urn:x-kvstore:bench-echo"
 ECHO_TAG = f"{{{NS}}}echo"
@@ -95,12 +96,6 @@ def item_answer(value_bytes: int) -> str:
 
 PUT_ANSWER = f"<put xmlns='{KV_NS}' rev='123456' version='2' create-rev='5000'/>"
 """Shaped like a storage node's answer to a put."""
-
-
-def _attribute(text: str) -> str:
-    """``text`` escaped for an attribute in single quotes."""
-    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("'", "&apos;"))
 
 
 async def login(xmpp: ClientXMPP, host: str, port: int, timeout: float = 10.0) -> None:
@@ -170,11 +165,11 @@ class EchoResponder:
             if self.xmpp.transport is None:
                 return True
             sender = xml.get("from")
-            recipient = f" to='{_attribute(sender)}'" if sender else ""
+            recipient = f" to='{escape_attribute(sender)}'" if sender else ""
             size = child.get("answer-bytes")
             payload = self._item(size) if size else PUT_ANSWER if child.text else ""
             self.xmpp.send_raw(
-                f"<iq type='result' id='{_attribute(xml.get('id', ''))}'{recipient}>"
+                f"<iq type='result' id='{escape_attribute(xml.get('id', ''))}'{recipient}>"
                 f"{payload}</iq>")
             self.answered += 1
             return True
@@ -205,7 +200,7 @@ class EchoRequester:
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
-        self._to = _attribute(target)
+        self._to = escape_attribute(target)
 
     async def start(self) -> None:
         await login(self.xmpp, self.settings.host, self.settings.port)
