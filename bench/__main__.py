@@ -39,7 +39,7 @@ from typing import Any
 
 from bench import agents, core, scale
 from bench.etcd import availability
-from bench.machine import filesystem, load_average, machine
+from bench.machine import filesystem, load_average, machine, synced_commit_ms
 from bench.profile import make_profile, parse_args
 from bench.report import to_json
 from bench.runtime import install_signal_handlers, progress
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": profile.duration,
         "data_filesystem": kind,
         "load_average_start": load_average(),
+        "synced_commit_start": synced_commit_ms(folder),
         "machine": machine(etcd.version),
         "etcd": {"available": etcd.ok, "version": etcd.version,
                  "status": (f"etcd {etcd.version} on 127.0.0.1 (private data folder), "
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 errors[name] = f"{type(error).__name__}: {error}"
                 progress(f"{name}: FAILED ({errors[name]}); going on with the next part")
             progress(f"{name}: done in {time.monotonic() - part_began:.0f} s")
+        meta["synced_commit_end"] = synced_commit_ms(folder)
     except KeyboardInterrupt:  # Interrupted included
         progress("interrupted: every process started has been stopped")
         return 130

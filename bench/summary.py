@@ -261,6 +261,16 @@ def _agents_text(agents: dict[str, Any]) -> list[str]:
     ])]
 
 
+def _disk_line(meta: dict[str, Any]) -> str:
+    """The synced LMDB commit alone, at the start and end: durable puts wait for one."""
+    def figures(probe: dict[str, float] | None) -> str:
+        if not probe:
+            return "-"
+        return f"{fmt(probe['1_put_ms'], 2)} ms (1 put) / {fmt(probe['26_put_ms'], 2)} ms (26 puts)"
+    return (f"disk: a synced LMDB commit alone takes {figures(meta.get('synced_commit_start'))} "
+            f"at the start, {figures(meta.get('synced_commit_end'))} at the end")
+
+
 def render(meta: dict[str, Any], outcomes: dict[str, dict[str, Any]], head: dict[str, Any],
            targets: list[dict[str, Any]], errors: dict[str, str]) -> str:
     info = meta["machine"]
@@ -271,6 +281,7 @@ def render(meta: dict[str, Any], outcomes: dict[str, dict[str, Any]], head: dict
         f"machine: {info['nproc']} cores, {info['cpu_model']}; Python {info['python']}; "
         f"Prosody {info['prosody']}; etcd {info['etcd']}; data on {meta['data_filesystem']}; "
         f"load average at start {meta['load_average_start']}",
+        _disk_line(meta),
         f"etcd: {meta['etcd']['status']}",
         "",
     ]
