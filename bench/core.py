@@ -263,7 +263,7 @@ class CoreBench:
         figures: Figures = {}
         names = [kind.name for kind in self.kinds]
 
-        def record(kind: str, concurrency: int, runs: list[LoadResult],
+        def record(round_number: int, kind: str, concurrency: int, runs: list[LoadResult],
                    cpu: dict[str, float]) -> None:
             figure = figures.setdefault((kind, concurrency), Figure(kind, concurrency))
             figure.runs.extend(runs)
@@ -287,11 +287,11 @@ class CoreBench:
                          if concurrency in CONCURRENCIES or kind == ECHO]
                 if concurrency == 1:
                     for kind, (runs, cpu) in (await self.measure_slices(kinds, 1)).items():
-                        record(kind, 1, runs, cpu)
+                        record(round_number, kind, 1, runs, cpu)
                     continue
                 for kind in kinds:
                     result, cpu = await self.measure(kind, concurrency)
-                    record(kind, concurrency, [result], cpu)
+                    record(round_number, kind, concurrency, [result], cpu)
         return figures
 
 
