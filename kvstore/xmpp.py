@@ -167,7 +167,9 @@ class Session:
         self.xmpp.auto_subscribe = False
 
         self.xmpp.session = self
-        self._pending: dict[str, tuple[asyncio.Future[ET.Element], str | None]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[ET.Element], str | None,
+                                       asyncio.TimerHandle]] = {}
+        """Requests sent and not yet settled: id -> (future, addressee, timeout timer)."""
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
         self.routes: dict[str, Route] = {_PING_TAG: self._on_ping}
@@ -393,14 +395,10 @@ class Session:
             future.set_exception(Unavailable(f"not connected to {self.address}"))
             return future
         iq_id = self.new_id()
-        self._pending[iq_id] = (future, iq.to)
-        timer = loop.call_later(timeout, _expire, future, iq.to, timeout)
-
-        def settled(_: asyncio.Future[ET.Element]) -> None:
-            timer.cancel()
-            self._pending.pop(iq_id, None)
-
-        future.add_done_callback(settled)
+        # The answer (or the timer) settles the entry: no done-callback, which
+        # would cost the event loop one more handle per request.
+        timer = loop.call_later(timeout, self._expire, iq_id, timeout)
+        self._pending[iq_id] = (future, iq.to, timer)
         self._write(
             f"<iq type='{iq.type}' id='{iq_id}' to='{xmltext.escape_attribute(iq.to)}'>"
             f"{_payload_text(iq.payload)}</iq>"
@@ -408,13 +406,14 @@ class Session:
         return future
 
     def _on_answer(self, xml: ET.Element, future: asyncio.Future[ET.Element],
-                   expected: str | None) -> None:
+                   expected: str | None, timer: asyncio.TimerHandle) -> None:
         if expected is not None and xml.get("from") != expected and \
                 JID(xml.get("from", "")) != JID(expected):
             log.warning("dropping an answer to %s from %s, sent to %s",
                         xml.get("id"), xml.get("from"), expected)
             return
         self._pending.pop(xml.get("id", ""), None)
+        timer.cancel()
         if future.done():
             return
         if xml.get("type") == "result":
@@ -422,10 +421,17 @@ class Session:
         else:
             future.set_exception(wire.parse_error(xml.find(ERROR_TAG)))
 
+    def _expire(self, iq_id: str, timeout: float) -> None:
+        entry = self._pending.pop(iq_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(
+                Timeout(f"no answer from {entry[1] or 'the server'} within {timeout:g}s"))
+
     def _fail_pending(self, error: KvError) -> None:
         pending = list(self._pending.values())
         self._pending.clear()
-        for future, _ in pending:
+        for future, _, timer in pending:
+            timer.cancel()
             if not future.done():
                 future.set_exception(type(error)(str(error)))
 
@@ -503,8 +509,3 @@ async def create_account(settings: ConnectionSettings, timeout: float = 10.0) ->
     finally:
         await session.close()
     return bool(created)
-
-
-def _expire(future: asyncio.Future[Any], to: str | None, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(Timeout(f"no answer from {to or 'the server'} within {timeout:g}s"))

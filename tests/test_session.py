@@ -8,6 +8,7 @@ from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings
 from kvstore.xmpp import Inbound, Session
+from protocol.errors import Timeout, Unavailable
 
 
 def request(iq_id: str) -> Inbound:
@@ -56,3 +57,67 @@ async def test_held_answers_are_dropped_quietly_if_the_connection_went() -> None
     session.xmpp.transport = object()  # type: ignore[assignment]
     session.reply(request("b"))
     assert len(sent) == 1 and "id='b'" in sent[0]
+
+
+def online_session(sent: list[str]) -> Session:
+    session = offline_session(sent)
+    session.online.set()
+    return session
+
+
+def answer(iq_id: str, kind: str = "result") -> ET.Element:
+    return ET.fromstring(f"<iq xmlns='jabber:client' type='{kind}' id='{iq_id}' "
+                         f"from='node@localhost/kvstore'/>")
+
+
+def sent_id(text: str) -> str:
+    return text.split("id='")[1].split("'")[0]
+
+
+async def test_an_answer_settles_its_request_and_cancels_its_timer() -> None:
+    sent: list[str] = []
+    session = online_session(sent)
+    future = session.send_iq(session.iq("node@localhost/kvstore", "get"), timeout=5.0)
+    iq_id = sent_id(sent[0])
+    timer = session._pending[iq_id][2]
+    assert session._dispatch(answer(iq_id))
+    assert future.done() and future.result().get("id") == iq_id
+    assert session._pending == {} and timer.cancelled()
+    assert not session._dispatch(answer(iq_id))  # a second answer is not ours any more
+
+
+async def test_a_request_without_answer_times_out_and_is_forgotten() -> None:
+    sent: list[str] = []
+    session = online_session(sent)
+    future = session.send_iq(session.iq("node@localhost/kvstore", "get"), timeout=0.05)
+    try:
+        await future
+    except Timeout as error:
+        assert "node@localhost/kvstore" in str(error)
+    else:
+        raise AssertionError("no Timeout")
+    assert session._pending == {}
+    assert not session._dispatch(answer(sent_id(sent[0])))  # too late: left to slixmpp
+
+
+async def test_an_answer_to_a_request_its_caller_gave_up_on_is_dropped() -> None:
+    sent: list[str] = []
+    session = online_session(sent)
+    future = session.send_iq(session.iq("node@localhost/kvstore", "get"), timeout=5.0)
+    future.cancel()
+    iq_id = sent_id(sent[0])
+    timer = session._pending[iq_id][2]
+    assert session._dispatch(answer(iq_id, "error"))
+    assert session._pending == {} and timer.cancelled()
+
+
+async def test_a_lost_connection_fails_every_request_and_cancels_their_timers() -> None:
+    sent: list[str] = []
+    session = online_session(sent)
+    futures = [session.send_iq(session.iq("node@localhost/kvstore", "get"), timeout=5.0)
+               for _ in range(3)]
+    timers = [entry[2] for entry in session._pending.values()]
+    session._fail_pending(Unavailable("lost the connection"))
+    assert session._pending == {}
+    assert all(timer.cancelled() for timer in timers)
+    assert all(isinstance(future.exception(), Unavailable) for future in futures)
