@@ -197,7 +197,7 @@ class EchoRequester:
         self.timeout = timeout
         self.xmpp = plain_client(settings, resource)
         self.xmpp.take = self._take
-        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[None], asyncio.TimerHandle]] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
         self._to = escape_attribute(target)
@@ -206,7 +206,8 @@ class EchoRequester:
         await login(self.xmpp, self.settings.host, self.settings.port)
 
     async def stop(self) -> None:
-        for future in self._pending.values():
+        for future, timer in self._pending.values():
+            timer.cancel()
             if not future.done():
                 future.cancel()
         self._pending.clear()
@@ -225,19 +226,20 @@ class EchoRequester:
         if self.xmpp.transport is None:
             future.set_exception(EchoError("not connected"))
             return future
-        self._pending[iq_id] = future
-        timer = loop.call_later(self.timeout, _expire, future, self.timeout)
-
-        def settled(_: asyncio.Future[None]) -> None:
-            timer.cancel()
-            self._pending.pop(iq_id, None)
-
-        future.add_done_callback(settled)
+        # Settled by the answer or the timer, without a done-callback, as
+        # kvstore.xmpp.Session does.
+        timer = loop.call_later(self.timeout, self._expire, iq_id)
+        self._pending[iq_id] = (future, timer)
         shape = f" answer-bytes='{answer_bytes}'" if answer_bytes else ""
         body = f">{encode_value(carry)}</echo>" if carry else "/>"
         self.xmpp.send_raw(f"<iq type='get' id='{iq_id}' to='{self._to}'>"
                            f"<echo xmlns='{NS}' seq='{iq_id}'{shape}{body}</iq>")
         return future
+
+    def _expire(self, iq_id: str) -> None:
+        entry = self._pending.pop(iq_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(EchoError(f"no echo answer within {self.timeout:g}s"))
 
     def _take(self, xml: ET.Element) -> bool:
         """IQ results and errors whose id is pending: one dict lookup per stanza."""
@@ -246,20 +248,17 @@ class EchoRequester:
         kind = xml.get("type")
         if kind != "result" and kind != "error":
             return False
-        future = self._pending.pop(xml.get("id", ""), None)
-        if future is None:
+        entry = self._pending.pop(xml.get("id", ""), None)
+        if entry is None:
             return False
+        future, timer = entry
+        timer.cancel()
         if not future.done():
             if kind == "result":
                 future.set_result(None)
             else:
                 future.set_exception(EchoError(f"echo answered with an error: {xml.get('id')}"))
         return True
-
-
-def _expire(future: asyncio.Future[None], timeout: float) -> None:
-    if not future.done():
-        future.set_exception(EchoError(f"no echo answer within {timeout:g}s"))
 
 
 # --- the responder's process --------------------------------------------------
