@@ -207,7 +207,7 @@ class Client:
         keys.validate(key, CLIENT_KEY_LIMITS)
 
         result, _ = await self._routed(key, lambda _shard: wire.get_text(key), "get", timeout)
-        return wire.parse_item(payload_of(result))
+        return wire.parse_item(payload_of(result), key)
 
     async def _pages(self, node: NodeInfo, limit: int | None, after: str | None,
                      ask: Callable[[str | None, int | None], wire.KvElement],
