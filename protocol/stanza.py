@@ -4,9 +4,12 @@ Every class here is a slixmpp ``ElementBase`` that declares its element name,
 namespace and interfaces, as slixmpp's own plugins do. Values travel as
 base64 text. Numbers travel as decimal attributes; a malformed number raises
 :class:`~protocol.errors.BadRequest`, so a node answers bad input with a
-clear error instead of failing. Items and children are read straight from the
-XML rather than wrapped one object each: a page of a thousand keys would
-otherwise cost a thousand wrapper objects.
+clear error instead of failing. Records (a single get's answer, subtree
+pages, watch pushes, transactions) travel as one text node, base64 of
+msgpack, and are read straight from it rather than wrapped one object each:
+the XML server parses and rebuilds every element and attribute it routes,
+and a page of a thousand keys would otherwise cost a thousand wrapper
+objects.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ NS = "urn:x-kvstore:1"
 
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
-_ITEM = f"{{{NS}}}item"
 _SHARD = f"{{{NS}}}shard"
 
 
