@@ -55,7 +55,7 @@ class Figure:
 
     @property
     def ops_per_s(self) -> float:
-        """The median over runs: one per round, or one per slice at 1 in flight."""
+        """The median over runs: one per slice, or one per round for 100-key requests under load."""
         return statistics.median(run.ops_per_s for run in self.runs) if self.runs else 0.0
 
     def _latency_ms(self, fraction: float) -> float:
