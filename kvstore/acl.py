@@ -219,8 +219,10 @@ class Policy:
         if not self.enabled:
             return True
         who = bare(jid)
-        if self._trusted(who):
-            return True
+        return self._trusted(who) or self._untrusted_allows(who, perm, key)
+
+    def _untrusted_allows(self, who: str, perm: str, key: str) -> bool:
+        """:meth:`allows` for a bare JID already known not to be trusted."""
         if not self._known(who):
             return False
         if keys.is_prefix(ACL_ROOT, key):
@@ -231,11 +233,13 @@ class Policy:
 
     def allows_subtree(self, jid: str, perm: str, key: str) -> bool:
         """``perm`` on ``key`` and on everything below it (for a prefix delete)."""
-        if not self.allows(jid, perm, key):
-            return False
-        who = bare(jid)
-        if not self.enabled or self._trusted(who):
+        if not self.enabled:
             return True
+        who = bare(jid)
+        if self._trusted(who):
+            return True
+        if not self._untrusted_allows(who, perm, key):
+            return False
         if keys.is_prefix(key, ACL_ROOT) and perm == WRITE:
             return False
         groups = self._principals(who)
