@@ -60,8 +60,8 @@ def synced_commit_ms(folder: Path, commits: int = 100,
     """Median time of a synced LMDB commit, alone, of 1 put and of 26 puts.
 
     A durable put waits for such a commit, and the disk's flush time moves
-    over a day on a shared machine (0.28 to 0.5 ms for the same commit), so
-    a run records it at its start and at its end. Each size stops at
+    on a shared machine (26 puts took 0.34 to 1.18 ms within one evening),
+    so a run records it at its start and at its end. Each size stops at
     ``commits`` commits or ``max_seconds``, whichever comes first.
     """
     path = folder / "disk-probe"
