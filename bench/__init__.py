@@ -7,6 +7,8 @@ are noisy; the ratios measured side by side in one run are what to compare.
 * :mod:`bench.core` -- echo, store and etcd side by side in rotating rounds; listing.
 * :mod:`bench.echo` -- the ceiling: two plain slixmpp clients, one answering IQs.
 * :mod:`bench.etcd` -- a private etcd on loopback and the etcd3 client's requests.
+* :mod:`bench.etcd_driver` -- those requests, made from a process of their own.
+* :mod:`bench.workload` -- the keys and values the store and etcd are both given.
 * :mod:`bench.watch` -- watch delivery latency and events per second.
 * :mod:`bench.scale` -- 10,000 vs 1,000,000 keys, 1 vs 4 shards, node memory.
 * :mod:`bench.agents` -- discovery among 1,000 agents; hundreds starting at once.

@@ -1,7 +1,8 @@
 """The side-by-side figures: the echo ceiling, the store, and etcd, in rotating rounds.
 
 One private Prosody with one storage node owning ``/``, the echo responder
-in a process of its own, and (when installed) one private etcd. Every round
+in a process of its own, and (when installed) one private etcd, loaded by a
+process of its own (:mod:`bench.etcd_driver`). Every round
 measures, at each number of requests in flight, every kind below in a
 rotating order, so the three systems share the machine's noise:
 
@@ -13,7 +14,8 @@ rotating order, so the three systems share the machine's noise:
   subtree), ``batch`` (``txn`` of 100 puts) and ``put_many`` (100 keys);
 * ``etcd-get``, ``etcd-put``, ``etcd-prefix`` and ``etcd-batch`` (one etcd
   transaction of 100 puts): the same keys, values and concurrency, through
-  the synchronous etcd3 client with one thread per request in flight.
+  the synchronous etcd3 client with one thread per request in flight, in
+  the driver's process.
 
 Within a round, the kinds of one concurrency are measured in short
 alternating slices (:meth:`CoreBench.measure_slices`), so that a drift of
@@ -33,18 +35,19 @@ import asyncio
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.cpu import CpuMeter
 from bench.echo import EchoRequester, ResponderProcess
-from bench.etcd import Availability, EtcdError, EtcdLoad, EtcdServer
-from bench.load import LoadResult, closed_loop, percentile, threaded_closed_loop
+from bench.etcd import Availability, EtcdError, EtcdServer
+from bench.etcd_driver import EtcdDriver
+from bench.load import LoadResult, closed_loop, percentile
 from bench.profile import Profile
 from bench.report import ECHO, ECHO_ITEM, ECHO_PUT, Figure, Figures, Kind
 from bench.runtime import Processes, guarded, progress, run_async
 from bench.watch import measure_watch
+from bench.workload import Workload
 from kvstore.client import Client
 from kvstore.devcluster import DevCluster
 from protocol.model import Put
@@ -76,34 +79,6 @@ ETCD_KINDS = [
 ]
 
 
-@dataclass
-class Workload:
-    """The keys and values every system is given, the same for the store and etcd."""
-
-    value: bytes
-    get_keys: list[str]
-    put_keys: list[str]
-    prefixes: list[str]
-    """Subtrees of ``batch_size`` keys each; etcd reads them as ``prefix + '/'``."""
-    prefix_keys: list[str]
-    batches: list[list[str]]
-
-    @classmethod
-    def make(cls, profile: Profile) -> Workload:
-        size = profile.batch_size
-        prefixes = [f"/bench/prefix/p{j:03d}" for j in range(profile.prefix_subtrees)]
-        return cls(
-            value=bytes(i % 256 for i in range(profile.value_bytes)),
-            get_keys=[f"/bench/get/k{i:06d}" for i in range(profile.keys)],
-            put_keys=[f"/bench/put/k{i:06d}" for i in range(profile.keys)],
-            prefixes=prefixes,
-            prefix_keys=[f"{p}/k{i:03d}" for p in prefixes for i in range(size)],
-            # More batches than requests in flight: no two concurrent batches share keys.
-            batches=[[f"/bench/batch/b{j:03d}/k{i:03d}" for i in range(size)]
-                     for j in range(128)],
-        )
-
-
 Runner = Callable[[int, int, float], Any]
 """(concurrency, max_ops, max_seconds) -> an awaitable LoadResult."""
 
@@ -127,7 +102,7 @@ class CoreBench:
     """The operations of every kind, and the rounds that measure them side by side."""
 
     def __init__(self, profile: Profile, client: Client, requester: EchoRequester,
-                 etcd: EtcdLoad | None, pids: dict[str, int | None]) -> None:
+                 etcd: EtcdDriver | None, pids: dict[str, int | None]) -> None:
         self.profile = profile
         self.client = client
         self.requester = requester
@@ -146,12 +121,6 @@ class CoreBench:
         def run(concurrency: int, max_ops: int, max_seconds: float) -> Any:
             return closed_loop(operation, concurrency=concurrency, max_ops=max_ops,
                                max_seconds=max_seconds)
-        return run
-
-    def _thread_runner(self, operation: Callable[[int], object]) -> Runner:
-        def run(concurrency: int, max_ops: int, max_seconds: float) -> Any:
-            return asyncio.to_thread(threaded_closed_loop, operation, concurrency=concurrency,
-                                     max_ops=max_ops, max_seconds=max_seconds)
         return run
 
     def _build_store(self) -> None:
@@ -193,43 +162,27 @@ class CoreBench:
                                 ("put_many", put_many)):
             self.runners[name] = self._async_runner(operation)
 
-    def _build_etcd(self, etcd: EtcdLoad) -> None:
-        work = self.work
-        value, size = work.value, self.profile.batch_size
-        txns = [etcd.puts(batch, value) for batch in work.batches]
+    def _build_etcd(self, etcd: EtcdDriver) -> None:
+        def runner(kind: str) -> Runner:
+            def run(concurrency: int, max_ops: int, max_seconds: float) -> Any:
+                return etcd.run(kind, concurrency, max_ops, max_seconds)
+            return run
 
-        def get(sequence: int) -> object:
-            return etcd.get(work.get_keys[sequence % len(work.get_keys)])
-
-        def put(sequence: int) -> object:
-            etcd.put(work.put_keys[sequence % len(work.put_keys)], value)
-            return None
-
-        def prefix(sequence: int) -> object:
-            return etcd.get_prefix(work.prefixes[sequence % len(work.prefixes)] + "/", size)
-
-        def batch(sequence: int) -> object:
-            etcd.txn(txns[sequence % len(txns)])
-            return None
-
-        for name, operation in (("etcd-get", get), ("etcd-put", put), ("etcd-prefix", prefix),
-                                ("etcd-batch", batch)):
-            self.runners[name] = self._thread_runner(operation)
+        for kind in ETCD_KINDS:
+            self.runners[kind.name] = runner(kind.name)
 
     # --- data -------------------------------------------------------------
 
     async def populate(self) -> None:
         work = self.work
-        keys = work.get_keys + work.prefix_keys
+        keys = work.populated_keys
         progress(f"populating the store: {len(keys):,} keys of {len(work.value)} bytes")
         await populate(self.client, keys, work.value)
         if (await self.client.get(work.get_keys[-1])).value != work.value:
             raise RuntimeError("a populated key reads back a different value")
         if self.etcd is not None:
             progress(f"populating etcd: the same {len(keys):,} keys")
-            await asyncio.to_thread(self.etcd.populate, keys, work.value)
-            if self.etcd.get(work.get_keys[-1]) != work.value:
-                raise RuntimeError("a key populated in etcd reads back a different value")
+            await self.etcd.populate()
 
     # --- measuring --------------------------------------------------------
 
@@ -354,17 +307,15 @@ async def measure_list(client: Client, profile: Profile, meter: CpuMeter) -> dic
 
 
 async def _measure_all(cluster: DevCluster, responder: ResponderProcess,
-                       etcd: Availability, etcd_port: int | None, profile: Profile,
+                       etcd: EtcdDriver | None, profile: Profile,
                        pids: dict[str, int | None]) -> dict[str, Any]:
     requester = EchoRequester(cluster.settings("bench-echo"), responder.jid)
     client = Client(cluster.settings(), resource="bench")
-    load = (EtcdLoad(etcd.client, etcd_port)
-            if etcd.client is not None and etcd_port is not None else None)
     sessions: list[Client] = []
     try:
         await requester.start()
         await client.connect()
-        bench = CoreBench(profile, client, requester, load, pids)
+        bench = CoreBench(profile, client, requester, etcd, pids)
         await bench.populate()
         figures = await bench.rounds()
         listing = await guarded("list", measure_list(client, profile, bench.meter))
@@ -386,8 +337,6 @@ async def _measure_all(cluster: DevCluster, responder: ResponderProcess,
             await client.close()
         finally:
             await requester.stop()
-            if load is not None:
-                load.close()
 
 
 def run(folder: Path, profile: Profile, etcd: Availability) -> dict[str, Any]:
@@ -402,6 +351,7 @@ def run(folder: Path, profile: Profile, etcd: Availability) -> dict[str, Any]:
         processes.add("the echo responder", responder.stop)
         responder.start()
         server: EtcdServer | None = None
+        driver: EtcdDriver | None = None
         etcd_error = ""
         if etcd.ok and etcd.binary is not None:
             server = EtcdServer(etcd.binary, folder / "etcd")
@@ -409,17 +359,20 @@ def run(folder: Path, profile: Profile, etcd: Availability) -> dict[str, Any]:
             progress(f"core: starting etcd {etcd.version} under {server.folder}")
             try:
                 server.start()
+                driver = EtcdDriver(server.client_port, profile, folder / "etcd-driver.log")
+                processes.add("etcd's load driver", driver.stop)
+                driver.start()
             except EtcdError as error:
                 etcd_error = f"etcd did not start: {error}"
                 progress(f"core: etcd figures skipped: {etcd_error}")
-                server = None
+                server = driver = None
         else:
             progress(f"core: etcd figures skipped: {etcd.reason}")
         node = next(iter(cluster.nodes.values()))
         pids = {"responder": responder.pid, "node": node.pid, "prosody": cluster.prosody.pid,
-                "etcd": server.pid if server else None}
-        result = run_async(_measure_all(cluster, responder, etcd,
-                                        server.client_port if server else None, profile, pids))
+                "etcd": server.pid if server else None,
+                "etcd-client": driver.pid if driver else None}
+        result = run_async(_measure_all(cluster, responder, driver, profile, pids))
         if etcd_error:
             result["etcd_error"] = etcd_error
         return result

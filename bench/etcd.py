@@ -3,9 +3,10 @@
 :class:`EtcdServer` starts Debian's ``etcd`` (``apt-get install etcd-server``)
 as a single-member cluster on 127.0.0.1 with free client and peer ports and a
 data folder of its own, and stops it again (it also dies with this process,
-through ``PR_SET_PDEATHSIG``). :class:`EtcdLoad` drives it with the ``etcd3``
-Python client from PyPI (synchronous, over gRPC; it needs ``protobuf<4``):
-the benchmark keeps K requests in flight with K threads
+through ``PR_SET_PDEATHSIG``). :class:`EtcdLoad` makes the requests with the
+``etcd3`` Python client from PyPI (synchronous, over gRPC; it needs
+``protobuf<4``); :mod:`bench.etcd_driver` runs it in a process of its own,
+with K threads for K requests in flight
 (:func:`bench.load.threaded_closed_loop`).
 
 If the binary or the client is missing, :func:`availability` says so and the

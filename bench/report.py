@@ -39,6 +39,11 @@ class Kind:
     """The etcd kind doing the same work, for the ``vs etcd`` ratio."""
 
     @property
+    def client(self) -> str:
+        """The process whose CPU use the table shows as the client's."""
+        return "etcd-client" if self.system == "etcd" else "bench"
+
+    @property
     def server(self) -> str:
         """The process whose CPU use the table shows as the server's."""
         return {"echo": "responder", "store": "node", "etcd": "etcd"}[self.system]
@@ -153,7 +158,7 @@ def core_table(figures: Figures, kinds: Sequence[Kind], concurrencies: Sequence[
     """Throughput and latency of every kind, grouped by requests in flight."""
     header = (f"{'in flight':>9}  {'op':<12} {'ops/s':>8} {'keys/s':>9} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'vs echo':>7} {'p50 vs echo':>11} {'vs etcd':>7} "
-              f"{'errors':>6}  CPU % of a core (bench / server / prosody)")
+              f"{'errors':>6}  CPU % of a core (client / server / prosody)")
     lines = [header, "-" * len(header)]
     for concurrency in concurrencies:
         for kind in kinds:
@@ -164,7 +169,7 @@ def core_table(figures: Figures, kinds: Sequence[Kind], concurrencies: Sequence[
                 echo_ratios(figures, kind.name, concurrency)
             cpu = figure.cpu_percent
             usage = " / ".join(fmt(cpu.get(name), 0)
-                               for name in ("bench", kind.server, "prosody"))
+                               for name in (kind.client, kind.server, "prosody"))
             lines.append(
                 f"{concurrency:>9}  {kind.name:<12} {fmt(figure.ops_per_s, 0):>8} "
                 f"{fmt(figure.ops_per_s * kind.keys_per_op, 0):>9} "
