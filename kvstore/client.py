@@ -167,16 +167,20 @@ class Client:
         return await self.session.request(iq, timeout or self.timeout)
 
     async def _routed(self, key: str, make: Callable[[str], wire.KvElement | str], type_: str,
-                      timeout: float | None) -> tuple[ET.Element, str]:
+                      timeout: float | None, route: tuple[str, NodeInfo] | None = None
+                      ) -> tuple[ET.Element, str]:
         """Send a single-key request to the key's owner, following one not-owner hint.
 
         Single-key requests carry no ``shard``: the node finds the owner of the
         key itself (and refuses it if that is not one of its shards), and the
-        server parses one attribute less for every request.
+        server parses one attribute less for every request. ``route`` is the
+        key's route when the caller has already looked it up.
         """
-        if not self.directory.complete:
-            await self.directory.ready(timeout or self.timeout)
-        shard, node = self.directory.route(key)
+        if route is None:
+            if not self.directory.complete:
+                await self.directory.ready(timeout or self.timeout)
+            route = self.directory.route(key)
+        shard, node = route
         try:
             return await self._call(node, type_, make(shard), timeout), shard
         except NotOwner as error:
@@ -315,7 +319,8 @@ class Client:
 
         request = wire.put_text(key, data, if_version=if_version, if_mod_rev=if_mod_rev,
                                 ephemeral=ephemeral, lease=lease_id)
-        result, shard = await self._routed(key, lambda _shard: request, "set", timeout)
+        result, shard = await self._routed(key, lambda _shard: request, "set", timeout,
+                                           (shard, node))
         answer = payload_of(result)
         rev = wire.parse_int(answer.get("rev"), "rev", default=0) or 0
         return PutResult(
