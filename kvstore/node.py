@@ -34,6 +34,7 @@ from kvstore.acl import Policy
 from kvstore.client import Client
 from kvstore.commit import Committer
 from kvstore.config import NodeConfig
+from kvstore.liveness import HolderPings
 from kvstore.recipe import TreeCache
 from kvstore.storage import (
     Change,
@@ -59,8 +60,6 @@ from protocol.errors import (
     LeaseNotFound,
     NotOwner,
     ResourceLimit,
-    Timeout,
-    Unavailable,
     ValueTooLarge,
 )
 from protocol.model import Delete, KeyValue, Put
@@ -141,9 +140,11 @@ class StorageNode:
         }
         """Leases granted here; after a restart each gets its full time again."""
         self._expiring: dict[str, asyncio.TimerHandle] = {}
-        self._missed_pings: dict[str, int] = {}
         self._heard: dict[str, float] = {}
         """Holder -> when its last request arrived (monotonic): a request proves life."""
+        self.pings = HolderPings(
+            self._send_ping, server=self.jid.domain, timeout=config.ping_timeout,
+            heard=lambda owner: self._heard.get(owner, -math.inf), on_silent=self._on_silent)
         self._handlers = {
             ("get", "get"): self._on_get,
             ("get", "list"): self._on_list,
@@ -662,9 +663,9 @@ class StorageNode:
     # A crashed writer's stream closes and the server sends its unavailable
     # presence at once; after a short grace period (a reconnect keeps the
     # keys) they go. A hung writer sends nothing and the server says nothing,
-    # so the node pings every holder (XEP-0199) and takes silence for death:
-    # two pings missed in a row, unless a request from the holder arrived
-    # meanwhile (a busy holder's answer can wait behind its own requests).
+    # so the node pings every holder (XEP-0199) and takes silence for death
+    # (kvstore.liveness: two rounds missed in a row, counted only when the
+    # server shows it routed the pings).
 
     def _expire_soon(self, owner: str) -> None:
         self._expiring.pop(owner, None)
@@ -675,6 +676,7 @@ class StorageNode:
         """Delete every ephemeral key of the session ``owner`` (a full JID)."""
         self.holders.discard(owner)
         self._heard.pop(owner, None)
+        self.pings.forget(owner)
         timer = self._expiring.pop(owner, None)
         if timer is not None:
             timer.cancel()
@@ -684,41 +686,27 @@ class StorageNode:
         return outcome.deleted
 
     async def _ping_loop(self) -> None:
+        # A round starts every ping_interval, as long as the last one is over:
+        # a server slow to route one round is not sent the next meanwhile.
+        interval = self.config.ping_interval
         while True:
-            await asyncio.sleep(self.config.ping_interval)
-            if not self.session.online.is_set():
-                continue
-            for owner in list(self.holders):
-                if owner in self._expiring:
-                    continue
-                ping = self.session.iq(owner, "get", "<ping xmlns='urn:xmpp:ping'/>")
-                future = self.session.send_iq(ping, self.config.ping_timeout)
-                sent = time.monotonic()
-                future.add_done_callback(
-                    lambda done, who=owner, at=sent: self._pinged(who, done, at))
+            started = time.monotonic()
+            if self.session.online.is_set():
+                holders = [owner for owner in self.holders if owner not in self._expiring]
+                if holders:
+                    await self.pings.round(holders)
+            await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
 
-    def _pinged(self, owner: str, done: asyncio.Future[Any], sent: float) -> None:
-        error = done.exception()
-        if error is None or not isinstance(error, Unavailable):
-            self._missed_pings.pop(owner, None)  # any answer proves life
+    def _send_ping(self, to: str, timeout: float) -> asyncio.Future[Any]:
+        return self.session.send_iq(self.session.iq(to, "get", "<ping xmlns='urn:xmpp:ping'/>"),
+                                    timeout)
+
+    def _on_silent(self, owner: str, reason: str) -> None:
+        # A session lost meanwhile fails every ping in flight: that says nothing.
+        if owner not in self.holders or owner in self._expiring \
+                or not self.session.online.is_set():
             return
-        if owner not in self.holders or not self.session.online.is_set():
-            return
-        if isinstance(error, Timeout) and self._heard.get(owner, -math.inf) >= sent:
-            # Its ping answer is stuck behind its own requests: busy, not hung.
-            self._missed_pings.pop(owner, None)
-            return
-        if isinstance(error, Timeout):
-            # Silence: hung, or only slow (a congested server delays everyone's
-            # answers). Two pings missed in a row make it hung.
-            missed = self._missed_pings.get(owner, 0) + 1
-            self._missed_pings[owner] = missed
-            if missed < 2:
-                return
-        # An Unavailable that is no timeout: the server answered for an
-        # offline session.
-        self._missed_pings.pop(owner, None)
-        log.info("%s did not answer a ping (%s)", owner, error)
+        log.info("%s did not answer a ping (%s)", owner, reason)
         self._expire_soon(owner)
 
 

@@ -127,6 +127,35 @@ async def test_a_busy_holder_keeps_its_ephemeral_keys_and_a_silent_one_loses_the
             await asyncio.sleep(0.05)
 
 
+async def test_a_server_frozen_for_several_ping_rounds_costs_an_idle_holder_nothing(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    # A busy server holds the node's pings the way a frozen one does; the
+    # holder sends nothing meanwhile that would prove it alive. Silence the
+    # server itself caused is no evidence against the holder.
+    dev = make_cluster(node_settings={"ephemeral": {"ping_interval": 0.3, "ping_timeout": 0.3}})
+    async with Client(dev.settings(timeout=5)) as kv, \
+            Client(dev.settings(timeout=5), resource="idle") as holder:
+        await holder.put("/idle/key", b"1", ephemeral=True)
+        await asyncio.sleep(1.0)  # rounds answered in time
+        dev.prosody.pause()
+        try:
+            await asyncio.sleep(2.0)  # six ping timeouts and more
+        finally:
+            dev.prosody.resume()
+        await asyncio.sleep(1.5)  # rounds after the freeze
+        assert (await kv.get("/idle/key")).value == b"1"
+        # And a holder that does go silent still loses its keys.
+        holder.session.route("{urn:xmpp:ping}ping", lambda _request: None)
+        started = time.monotonic()
+        while True:
+            try:
+                await kv.get("/idle/key")
+            except KeyNotFound:
+                break
+            assert time.monotonic() - started < 3.0, "a silent holder kept its key"
+            await asyncio.sleep(0.05)
+
+
 async def test_a_frozen_server_gives_timeouts_not_hangs_and_then_recovery(
         make_cluster: Callable[..., DevCluster]) -> None:
     dev = make_cluster()

@@ -1,0 +1,135 @@
+"""Unit tests for kvstore.liveness: which silences make a holder of ephemeral keys hung.
+
+The server and the holders are faked: each ping is a future that the test
+answers (or not) after a chosen delay, and that times out as
+kvstore.xmpp.Session's do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+
+from kvstore.liveness import HolderPings
+from protocol.errors import Timeout, Unavailable
+
+SERVER = "localhost"
+TIMEOUT = 0.05
+
+
+class FakeServer:
+    """Answers pings after per-JID delays; None never answers; an exception fails it."""
+
+    def __init__(self) -> None:
+        self.delays: dict[str, float | Exception | None] = {SERVER: 0.0}
+        self.sent: list[str] = []
+
+    def send_ping(self, to: str, timeout: float) -> asyncio.Future[object]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        self.sent.append(to)
+        behaviour = self.delays.get(to)
+        if isinstance(behaviour, Exception):
+            future.set_exception(behaviour)
+        elif behaviour is not None:
+            loop.call_later(behaviour, lambda: future.done() or future.set_result("pong"))
+
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(Timeout(f"no answer from {to} within {timeout:g}s"))
+
+        loop.call_later(timeout, expire)
+        return future
+
+
+def make_pings(server: FakeServer, silent: list[tuple[str, str]],
+               heard: Callable[[str], float] = lambda _holder: -math.inf,
+               server_limit: float = 1.0) -> HolderPings:
+    return HolderPings(server.send_ping, server=SERVER, timeout=TIMEOUT, heard=heard,
+                       on_silent=lambda holder, reason: silent.append((holder, reason)),
+                       server_limit=server_limit)
+
+
+async def test_a_holder_that_answers_is_never_silent() -> None:
+    server, silent = FakeServer(), []
+    server.delays["a@localhost/x"] = 0.01
+    pings = make_pings(server, silent)
+    for _ in range(3):
+        await pings.round(["a@localhost/x"])
+    assert silent == []
+    assert server.sent == ["a@localhost/x", SERVER] * 3  # the server is pinged after
+
+
+async def test_two_silent_rounds_in_a_row_make_a_holder_hung_one_does_not() -> None:
+    server, silent = FakeServer(), []
+    server.delays["hung@localhost/x"] = None
+    pings = make_pings(server, silent)
+    await pings.round(["hung@localhost/x"])
+    assert silent == []
+    await pings.round(["hung@localhost/x"])
+    assert [holder for holder, _ in silent] == ["hung@localhost/x"]
+    assert "no answer from hung@localhost/x" in silent[0][1]
+
+
+async def test_a_server_slow_to_route_the_pings_costs_nobody_their_keys() -> None:
+    # The server answers the node's own ping only after 4 holder timeouts;
+    # the holder answers soon after its ping is routed. By the ping's own
+    # age that is silence; by the server's routing it is a prompt answer.
+    server, silent = FakeServer(), []
+    server.delays[SERVER] = 4 * TIMEOUT
+    server.delays["idle@localhost/x"] = 4 * TIMEOUT + TIMEOUT / 5
+    pings = make_pings(server, silent)
+    for _ in range(3):
+        await pings.round(["idle@localhost/x"])
+        assert pings.missed == {}  # not even one miss
+    assert silent == []
+
+
+async def test_a_round_whose_server_ping_goes_unanswered_judges_nobody() -> None:
+    server, silent = FakeServer(), []
+    server.delays[SERVER] = None
+    server.delays["hung@localhost/x"] = None
+    pings = make_pings(server, silent, server_limit=0.1)
+    for _ in range(3):
+        await pings.round(["hung@localhost/x"])
+    assert silent == []
+    assert pings.missed == {}
+    # Once the server answers again, silence counts again, from zero.
+    server.delays[SERVER] = 0.0
+    await pings.round(["hung@localhost/x"])
+    assert silent == []
+    await pings.round(["hung@localhost/x"])
+    assert [holder for holder, _ in silent] == ["hung@localhost/x"]
+
+
+async def test_a_request_from_the_holder_since_the_ping_proves_it_busy_not_hung() -> None:
+    server, silent = FakeServer(), []
+    server.delays["busy@localhost/x"] = None
+    pings = make_pings(server, silent, heard=lambda _holder: time.monotonic() + 1.0)
+    for _ in range(3):
+        await pings.round(["busy@localhost/x"])
+    assert silent == []
+
+
+async def test_the_server_answering_for_a_gone_session_makes_it_silent_at_once() -> None:
+    server, silent = FakeServer(), []
+    server.delays["gone@localhost/x"] = Unavailable("service-unavailable")
+    pings = make_pings(server, silent)
+    await pings.round(["gone@localhost/x"])
+    assert silent == [("gone@localhost/x", "service-unavailable")]
+
+
+async def test_a_late_answer_proves_life_and_resets_the_count() -> None:
+    server, silent = FakeServer(), []
+    holder = "late@localhost/x"
+    server.delays[holder] = 3 * TIMEOUT  # after the round's deadline, before its timer
+    pings = make_pings(server, silent)
+    await pings.round([holder])
+    assert pings.missed == {holder: 1}
+    await asyncio.sleep(3 * TIMEOUT)  # the late answer arrives
+    assert pings.missed == {}
+    await pings.round([holder])
+    assert silent == []
+    assert pings.missed == {holder: 1}
