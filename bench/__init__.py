@@ -12,6 +12,7 @@ are noisy; the ratios measured side by side in one run are what to compare.
 * :mod:`bench.watch` -- watch delivery latency and events per second.
 * :mod:`bench.scale` -- 10,000 vs 1,000,000 keys, 1 vs 4 shards, node memory.
 * :mod:`bench.agents` -- discovery among 1,000 agents; hundreds starting at once.
+* :mod:`bench.fleet` -- those hundreds of agents, run in a process of their own.
 * :mod:`bench.load` -- closed-loop load generators (asyncio and threads), bounded
   in count and time.
 * :mod:`bench.cpu` -- CPU use and memory of the processes involved, from ``/proc``.

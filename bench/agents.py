@@ -11,11 +11,11 @@ One private Prosody with one storage node owning ``/``:
   subtree, one slice, a region AND a role), and separately for ``/`` (all
   1,000).
 * **Start-up**: N real :class:`agent.Agent` sessions (500; 100 with
-  ``--quick``), each with its own account, start at once in this process:
-  log in, learn the storage node from presence, register 5 resources (plus
-  the ``/sys`` every agent provides) and watch their own entries. Reported:
-  the wall time until the last one is registered, and until discovery
-  returns all of them.
+  ``--quick``), each with its own account, start at once in a process of
+  their own (:mod:`bench.fleet`): log in, learn the storage node from
+  presence, register 5 resources (plus the ``/sys`` every agent provides)
+  and watch their own entries. Reported: the wall time until the last one is
+  registered, and until this process's discovery returns all of them.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import Actor, Agent, Caller
+from agent import Caller
 from agent.registry import Registry
 from bench.cpu import CpuMeter, memory_kib
+from bench.fleet import FleetProcess, real_resources
 from bench.load import closed_loop, percentile
 from bench.profile import Profile
 from bench.runtime import Processes, guarded, progress, run_async
@@ -133,45 +134,26 @@ async def measure_discovery(caller: Caller, profile: Profile) -> dict[str, Any]:
     }
 
 
-class BenchActor(Actor):
-    """A real agent's actor: five resources, no operations of its own."""
-
-
-def real_resources(index: int) -> tuple[str, ...]:
-    return (f"/fleet/rack{index % 10}/a{index:04d}", f"/zone/z{index % 3}", "/svc/bench",
-            f"/name/a{index:04d}", f"/tier/t{index % 2}")
-
-
 async def start_agents(cluster: DevCluster, caller: Caller, profile: Profile,
-                       meter: CpuMeter) -> dict[str, Any]:
+                       folder: Path) -> dict[str, Any]:
     count = profile.real_agents
     progress(f"agents: creating {count} accounts")
-    agents = [Agent(cluster.settings(f"agent{i:04d}", timeout=REQUEST_TIMEOUT),
-                    name=f"agent{i:04d}", actors=[BenchActor(real_resources(i))])
-              for i in range(count)]
+    settings = [cluster.settings(f"agent{i:04d}", timeout=REQUEST_TIMEOUT) for i in range(count)]
+    fleet = FleetProcess(settings, folder / "fleet.log", start_limit=profile.agent_start_limit,
+                         request_timeout=REQUEST_TIMEOUT)
+    node = next(iter(cluster.nodes.values()))
     clock = time.perf_counter
-    started: list[float] = []
-    failures: list[str] = []
-
-    async def start(agent: Agent) -> None:
-        try:
-            await agent.start(timeout=REQUEST_TIMEOUT)
-        except Exception as error:
-            failures.append(f"{type(error).__name__}: {error}")
-            return
-        started.append(clock() - begin)
-
-    progress(f"agents: starting {count} agents at once")
-    meter.start()
-    begin = clock()
+    progress(f"agents: starting {count} agents at once in a process of their own")
     try:
-        try:
-            async with asyncio.timeout(profile.agent_start_limit):
-                await asyncio.gather(*(start(agent) for agent in agents))
-        except TimeoutError:
-            failures.append(f"not started within {profile.agent_start_limit:g}s")
-        wall = clock() - begin
+        await asyncio.to_thread(fleet.launch)
+        meter = CpuMeter({"agents": fleet.pid, "bench": os.getpid(), "node": node.pid,
+                          "prosody": cluster.prosody.pid})
+        meter.start()
+        begin = clock()
+        report = await fleet.start()
         cpu = meter.stop()
+        started: list[float] = report["started"]
+        wall: float = report["wall_s"]
         # Discovery right away, then until it shows every agent that started
         # (entries of an agent the node took for dead come back when it re-registers).
         first = len(await caller.discover("/svc/bench", timeout=REQUEST_TIMEOUT))
@@ -184,12 +166,10 @@ async def start_agents(cluster: DevCluster, caller: Caller, profile: Profile,
             discovered = clock() - begin
         progress(f"agents: {len(started)} of {count} started in {wall:.1f} s; discovery "
                  f"finds {first} at once, {found} at the end")
+        stopped = await fleet.stop()
     finally:
-        stop_begin = clock()
-        results = await asyncio.gather(*(_bounded_stop(agent) for agent in agents),
-                                       return_exceptions=True)
-        stop_s = clock() - stop_begin
-    stop_errors = [r for r in results if isinstance(r, BaseException)]
+        fleet.close()
+    failures: list[str] = report["failures"]
     return {
         "agents": count,
         "resources_each": len(real_resources(0)),
@@ -200,24 +180,18 @@ async def start_agents(cluster: DevCluster, caller: Caller, profile: Profile,
         "discovered_at_once": first,
         "discovered": found,
         "all_discoverable_s": round(discovered, 2) if discovered is not None else None,
-        "stop_s": round(stop_s, 2),
+        "stop_s": round(stopped["stop_s"], 2),
         "failures": count - len(started),
         "first_failure": failures[0] if failures else None,
-        "stop_errors": len(stop_errors),
+        "stop_errors": stopped["stop_errors"],
         "cpu_percent": cpu,
         "request_timeout_s": REQUEST_TIMEOUT,
     }
 
 
-async def _bounded_stop(agent: Agent) -> None:
-    async with asyncio.timeout(30.0):
-        await agent.stop()
-
-
 async def _measure(cluster: DevCluster, profile: Profile) -> dict[str, Any]:
     client = Client(cluster.settings(), resource="bench-agents")
     node = next(iter(cluster.nodes.values()))
-    meter = CpuMeter({"bench": os.getpid(), "node": node.pid, "prosody": cluster.prosody.pid})
     try:
         await client.connect()
         caller = Caller(client)
@@ -228,7 +202,8 @@ async def _measure(cluster: DevCluster, profile: Profile) -> dict[str, Any]:
         discovery = await guarded("discovery", measure_discovery(caller, profile))
         progress(f"agents: discover p50 {discovery.get('p50_ms')} ms, "
                  f"p99 {discovery.get('p99_ms')} ms")
-        startup = await guarded("agent start-up", start_agents(cluster, caller, profile, meter))
+        startup = await guarded("agent start-up",
+                                start_agents(cluster, caller, profile, cluster.folder))
         startup["prosody_kib"] = memory_kib(cluster.prosody.pid or 0)
         startup["node_kib"] = memory_kib(node.pid or 0)
         startup.update(_node_log(node.folder / "node.log"))

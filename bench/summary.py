@@ -165,8 +165,8 @@ def _core_text(core: dict[str, Any], head: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cpu(usage: dict[str, float]) -> str:
-    return " / ".join(f"{name} {fmt(usage.get(name), 0)}" for name in ("bench", "node", "prosody"))
+def _cpu(usage: dict[str, float], names: tuple[str, ...] = ("bench", "node", "prosody")) -> str:
+    return " / ".join(f"{name} {fmt(usage.get(name), 0)}" for name in names)
 
 
 def _failed(title: str, data: dict[str, Any]) -> str | None:
@@ -257,7 +257,8 @@ def _agents_text(agents: dict[str, Any]) -> list[str]:
         ("  node's log", f"{startup.get('node_log_ping_failures', '-')} sessions missed two "
                          f"pings in a row, {startup.get('node_log_sessions_expired', '-')} "
                          f"sessions' ephemeral keys deleted"),
-        ("  CPU % of a core", _cpu(startup["cpu_percent"])),
+        ("  CPU % of a core", _cpu(startup["cpu_percent"],
+                                   ("agents", "bench", "node", "prosody"))),
     ])]
 
 
