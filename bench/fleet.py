@@ -1,13 +1,13 @@
 """A fleet of real agents started at once, in a process of its own (``python -m bench.fleet``).
 
 The agents' start-up used to run in the benchmark's own process, beside the
-admin client that holds the 1,000 fake agents' entries. Hundreds of logins
-kept that event loop so busy that the admin went unheard for two of the
-node's pings in every run, and the node deleted its 6,000 keys as designed
-for a session that stops answering: the bench's own client was the one
-"agent" taken for dead. Here the fleet has a process (and a CPU column,
+admin client that holds the 1,000 fake agents' entries and the caller that
+checks discovery. Here the fleet has a process (and a CPU column,
 ``agents``) of its own, as agents have machines of their own, and the
-benchmark's process only asks the store what it sees.
+benchmark's process only asks the store what it sees. (The admin client was
+taken for dead in every run; that was not its shared event loop: moved out,
+it still was, until the node learned to tell a congested server from a
+silent holder, see :mod:`kvstore.liveness`.)
 
 The parent sends the agents' settings as one JSON line on the child's
 stdin; the child builds every agent and writes ``ready:``. On a ``start``
