@@ -15,6 +15,8 @@ are noisy; the ratios measured side by side in one run are what to compare.
 * :mod:`bench.fleet` -- those hundreds of agents, run in a process of their own.
 * :mod:`bench.load` -- closed-loop load generators (asyncio and threads), bounded
   in count and time.
+* :mod:`bench.child` -- the helper processes (responder, etcd driver, fleet), spoken
+  to in lines.
 * :mod:`bench.cpu` -- CPU use and memory of the processes involved, from ``/proc``.
 * :mod:`bench.report` and :mod:`bench.summary` -- the tables, targets and JSON.
 * :mod:`bench.profile`, :mod:`bench.machine`, :mod:`bench.runtime` -- sizes and

@@ -28,14 +28,9 @@ Both log in with the plaintext settings the store's sessions use on loopback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
-import logging
-import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -45,8 +40,8 @@ from typing import Any
 from slixmpp import ClientXMPP
 from slixmpp.xmlstream import ET
 
+from bench.child import ChildProcess, child_main
 from kvstore.config import ConnectionSettings
-from kvstore.testing.process import stop_process, wait_for_line
 from protocol.model import KeyValue
 from protocol.stanza import NS as KV_NS
 from protocol.stanza import encode_value, item_text
@@ -56,7 +51,6 @@ NS = "urn:x-kvstore:bench-echo"
 ECHO_TAG = f"{{{NS}}}echo"
 IQ_TAG = "{jabber:client}iq"
 RESPONDER_RESOURCE = "echo"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class EchoError(Exception):
@@ -273,50 +267,27 @@ class ResponderProcess:
 
     def __init__(self, settings: ConnectionSettings, log_path: Path) -> None:
         self.settings = settings
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child = ChildProcess("bench.echo", log_path, EchoError)
         self.jid = ""
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return self.child.pid
 
     def start(self, timeout: float = 20.0) -> str:
         """Start the child and return the full JID it answers at."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.echo"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                cwd=PROJECT_ROOT, env=env, start_new_session=True,
-            )
-        assert self.process.stdin is not None and self.process.stdout is not None
-        config = {"jid": self.settings.jid, "password": self.settings.password,
-                  "host": self.settings.host, "port": self.settings.port}
-        self.process.stdin.write(json.dumps(config).encode() + b"\n")
-        self.process.stdin.flush()
-        line = wait_for_line(self.process, b"ready: ", timeout)
-        if line.startswith(b"ready: "):
-            self.jid = line[len(b"ready: "):].decode().strip()
-            return self.jid
-        self.stop()
-        raise EchoError(f"the echo responder did not start (last output {line!r}); "
-                        f"see {self.log_path}")
+        self.child.start()
+        try:
+            self.child.send({"jid": self.settings.jid, "password": self.settings.password,
+                             "host": self.settings.host, "port": self.settings.port})
+            self.jid = self.child.read("ready: ", timeout)
+        except EchoError:
+            self.stop()
+            raise
+        return self.jid
 
     def stop(self, timeout: float = 3.0) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()  # closing stdin asks the child to log out and exit
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(process, timeout)
+        self.child.close(timeout)  # closing stdin asks the child to log out and exit
 
 
 async def _serve(config: dict[str, Any]) -> None:
@@ -343,13 +314,7 @@ async def _serve(config: dict[str, Any]) -> None:
 
 def main() -> int:
     """Entry point of the responder's process: settings as one JSON line on stdin."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 2
-    asyncio.run(_serve(json.loads(line)))
-    return 0
+    return child_main("echo responder", lambda config: asyncio.run(_serve(config)))
 
 
 if __name__ == "__main__":

@@ -19,23 +19,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
-import os
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.child import ChildProcess, child_main, write_line
 from bench.etcd import EtcdError, EtcdLoad
 from bench.load import LoadResult, threaded_closed_loop
 from bench.profile import Profile
 from bench.workload import Workload
-from kvstore.testing.process import stop_process, wait_for_line
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_REPLY = b"reply: "
+_REPLY = "reply: "
 _GRACE = 10.0
 """Seconds a run's last requests get after its deadline (as :func:`threaded_closed_loop`)."""
 
@@ -70,25 +66,16 @@ class EtcdDriver:
                  request_timeout: float = 5.0) -> None:
         self.port = port
         self.profile = profile
-        self.log_path = log_path
         self.request_timeout = request_timeout
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child = ChildProcess("bench.etcd_driver", log_path, EtcdError)
         self._lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return self.child.pid
 
     def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.etcd_driver"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                cwd=PROJECT_ROOT, env=env, start_new_session=True,
-            )
+        self.child.start()
         config = {"port": self.port, "timeout": self.request_timeout,
                   "profile": dataclasses.asdict(self.profile)}
         try:
@@ -100,20 +87,8 @@ class EtcdDriver:
     def _call(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one command and wait at most ``timeout`` seconds for its reply."""
         with self._lock:
-            process = self.process
-            if process is None or process.stdin is None:
-                raise EtcdError("etcd's load driver is not running")
-            try:
-                process.stdin.write(json.dumps(command).encode() + b"\n")
-                process.stdin.flush()
-            except OSError as error:
-                raise EtcdError(f"etcd's load driver is gone ({error}); "
-                                f"see {self.log_path}") from error
-            line = wait_for_line(process, _REPLY, timeout)
-        if not line.startswith(_REPLY):
-            raise EtcdError(f"etcd's load driver did not answer within {timeout:g}s "
-                            f"(last output {line[:200]!r}); see {self.log_path}")
-        reply: dict[str, Any] = json.loads(line[len(_REPLY):])
+            self.child.send(command)
+            reply = self.child.read_json(_REPLY, timeout)
         if "error" in reply:
             raise EtcdError(f"etcd's load driver: {reply['error']}")
         return reply
@@ -134,19 +109,7 @@ class EtcdDriver:
                           reply["latencies"], reply["first_error"])
 
     def stop(self, timeout: float = 5.0) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                try:
-                    pipe.close()  # closing stdin asks the child to exit
-                except OSError:
-                    pass
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(process, timeout)
+        self.child.close(timeout)  # closing stdin asks the child to exit
 
 
 # --- the child's end ----------------------------------------------------------
@@ -161,8 +124,7 @@ def _serve(config: dict[str, Any]) -> None:
     operations = etcd_operations(load, work, profile.batch_size)
 
     def reply(body: dict[str, Any]) -> None:
-        sys.stdout.buffer.write(_REPLY + json.dumps(body).encode() + b"\n")
-        sys.stdout.buffer.flush()
+        write_line(_REPLY, body)
 
     reply({"ready": True})
     try:
@@ -192,19 +154,7 @@ def _serve(config: dict[str, Any]) -> None:
 
 def main() -> int:
     """Entry point of the driver's process: its settings as the first JSON line on stdin."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 0
-    try:
-        _serve(json.loads(line))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as error:
-        print(f"etcd load driver: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return child_main("etcd load driver", _serve)
 
 
 if __name__ == "__main__":

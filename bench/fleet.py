@@ -20,10 +20,6 @@ agent's start-up time, the failures); it then keeps them serving until a
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -31,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import Actor, Agent
+from bench.child import ChildProcess, child_main, write_line
 from kvstore.config import ConnectionSettings
-from kvstore.testing.process import stop_process, wait_for_line
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_READY = b"ready: "
-_STARTED = b"started: "
-_STOPPED = b"stopped: "
+_READY = "ready: "
+_STARTED = "started: "
+_STOPPED = "stopped: "
 STOP_LIMIT = 30.0
 """Seconds each agent gets to unregister and log out."""
 
@@ -61,89 +56,39 @@ class FleetProcess:
     def __init__(self, settings: Sequence[ConnectionSettings], log_path: Path, *,
                  start_limit: float, request_timeout: float) -> None:
         self.settings = list(settings)
-        self.log_path = log_path
         self.start_limit = start_limit
         self.request_timeout = request_timeout
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child = ChildProcess("bench.fleet", log_path, FleetError)
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return self.child.pid
 
     def launch(self, timeout: float = 120.0) -> None:
         """Start the child, hand it every agent's settings, wait until it has built them."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.fleet"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                cwd=PROJECT_ROOT, env=env, start_new_session=True,
-            )
-        assert self.process.stdin is not None
-        order = {"agents": [s.to_dict() for s in self.settings],
-                 "start_limit": self.start_limit, "request_timeout": self.request_timeout}
-        self.process.stdin.write(json.dumps(order).encode() + b"\n")
-        self.process.stdin.flush()
-        self._read(_READY, timeout)
-
-    def _send(self, line: bytes) -> None:
-        process = self.process
-        if process is None or process.stdin is None:
-            raise FleetError("the fleet's process is not running")
-        try:
-            process.stdin.write(line + b"\n")
-            process.stdin.flush()
-        except OSError as error:
-            raise FleetError(f"the fleet's process is gone ({error}); "
-                             f"see {self.log_path}") from error
-
-    def _read(self, prefix: bytes, timeout: float) -> dict[str, Any]:
-        process = self.process
-        if process is None:
-            raise FleetError("the fleet's process is not running")
-        line = wait_for_line(process, prefix, timeout)
-        if not line.startswith(prefix):
-            raise FleetError(f"the fleet's process did not report within {timeout:g}s "
-                             f"(last output {line[:200]!r}); see {self.log_path}")
-        report: dict[str, Any] = json.loads(line[len(prefix):])
-        return report
+        self.child.start()
+        self.child.send({"agents": [s.to_dict() for s in self.settings],
+                         "start_limit": self.start_limit,
+                         "request_timeout": self.request_timeout})
+        self.child.read_json(_READY, timeout)
 
     async def start(self) -> dict[str, Any]:
         """Start every agent at once; the report: ``started`` (seconds each), ``failures``."""
-        self._send(b"start")
+        self.child.send("start")
         # The child's own limit ends its start-up; allow for the report.
-        return await asyncio.to_thread(self._read, _STARTED, self.start_limit + 30.0)
+        return await asyncio.to_thread(self.child.read_json, _STARTED, self.start_limit + 30.0)
 
     async def stop(self) -> dict[str, Any]:
         """Ask the agents to stop; wait for the report: ``stop_s``, ``stop_errors``."""
-        self._send(b"stop")
-        return await asyncio.to_thread(self._read, _STOPPED, STOP_LIMIT + 30.0)
+        self.child.send("stop")
+        return await asyncio.to_thread(self.child.read_json, _STOPPED, STOP_LIMIT + 30.0)
 
     def close(self, timeout: float = 5.0) -> None:
         """Make sure the child is gone (closing its stdin asks it to stop its agents)."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-        try:
-            process.wait(STOP_LIMIT + timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(process, timeout)
+        self.child.close(STOP_LIMIT + timeout)
 
 
 # --- the child's end ----------------------------------------------------------
-
-
-def _report(prefix: bytes, body: dict[str, Any]) -> None:
-    sys.stdout.buffer.write(prefix + json.dumps(body).encode() + b"\n")
-    sys.stdout.buffer.flush()
 
 
 async def _bounded_stop(agent: Agent) -> None:
@@ -161,7 +106,7 @@ async def _run(order: dict[str, Any]) -> None:
     clock = time.perf_counter
     started: list[float] = []
     failures: list[str] = []
-    _report(_READY, {"agents": len(agents)})
+    write_line(_READY, {"agents": len(agents)})
     if (await asyncio.to_thread(sys.stdin.buffer.readline)).strip() != b"start":
         return  # the parent went away, or changed its mind
 
@@ -180,7 +125,7 @@ async def _run(order: dict[str, Any]) -> None:
                 await asyncio.gather(*(start(agent) for agent in agents))
         except TimeoutError:
             failures.append(f"not started within {order['start_limit']:g}s")
-        _report(_STARTED, {"started": started, "wall_s": clock() - begin,
+        write_line(_STARTED, {"started": started, "wall_s": clock() - begin,
                            "failures": failures})
         # Serve until told to stop; the end of stdin (the parent is gone) stops too.
         await asyncio.to_thread(sys.stdin.buffer.readline)
@@ -189,24 +134,12 @@ async def _run(order: dict[str, Any]) -> None:
         results = await asyncio.gather(*(_bounded_stop(agent) for agent in agents),
                                        return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
-        _report(_STOPPED, {"stop_s": clock() - stop_begin, "stop_errors": len(errors)})
+        write_line(_STOPPED, {"stop_s": clock() - stop_begin, "stop_errors": len(errors)})
 
 
 def main() -> int:
     """Entry point of the fleet's process: its order as the first JSON line on stdin."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 0
-    try:
-        asyncio.run(_run(json.loads(line)))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as error:
-        print(f"fleet: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return child_main("fleet", lambda order: asyncio.run(_run(order)))
 
 
 if __name__ == "__main__":
