@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import pytest
+from waits import until_deleted
 
 from kvstore.client import Client
 from kvstore.devcluster import DevCluster
 from protocol.errors import BadRequest, Forbidden, KeyNotFound, LeaseNotFound
 from protocol.model import EventType
-
-
-async def _gone(kv: Client, key: str, within: float) -> float:
-    started = time.monotonic()
-    while True:
-        try:
-            await kv.get(key)
-        except KeyNotFound:
-            return time.monotonic() - started
-        assert time.monotonic() - started < within, f"{key} still there after {within}s"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_refreshed_lease_keeps_its_keys_and_a_revoked_one_deletes_them(
@@ -50,7 +39,7 @@ async def test_a_lease_nobody_refreshes_expires_with_its_keys(
     await kv.put(f"{prefix}/job", b"running", lease=lease)
     assert lease._keeper is not None
     lease._keeper.cancel()  # the holder froze
-    assert 0.5 < await _gone(kv, f"{prefix}/job", 5) < 3
+    assert 0.5 < await until_deleted(kv, f"{prefix}/job", 5) < 3
     with pytest.raises(LeaseNotFound):
         await kv.put(f"{prefix}/again", b"x", lease=lease)
 
