@@ -12,8 +12,9 @@ else that would prove it alive, and it lost its keys.
 So each round pings the server itself too, after the holders. A server
 handles the stanzas of one stream in order: its answer says the holders'
 pings have left the node's stream, and from then each holder has
-``timeout`` to answer. A round whose server ping goes unanswered within
-``server_limit`` judges nobody. A holder is hung after two missed rounds in
+``timeout`` to answer (an error from a server without XEP-0199 is an answer
+too). A round whose server ping goes unanswered within ``server_limit``
+judges nobody. A holder is hung after two missed rounds in
 a row; an answer that comes late (up to ``server_limit`` plus ``timeout``),
 or a request from the holder since the ping was sent, proves it alive and
 resets the count. Rounds never overlap, so a slow server is not sent more.
@@ -44,6 +45,7 @@ class HolderPings:
 
     def __init__(self, send_ping: SendPing, *, server: str, timeout: float,
                  heard: Callable[[str], float], on_silent: Callable[[str, str], None],
+                 online: Callable[[], bool] = lambda: True,
                  server_limit: float = SERVER_LIMIT) -> None:
         self.send_ping = send_ping
         self.server = server
@@ -52,6 +54,8 @@ class HolderPings:
         self.heard = heard
         """Holder -> when (time.monotonic()) its last request arrived, or -inf."""
         self.on_silent = on_silent
+        self.online = online
+        """Whether the node's own session is up (a lost one fails every ping)."""
         self.missed: dict[str, int] = {}
         """Holder -> rounds missed in a row."""
 
@@ -72,9 +76,13 @@ class HolderPings:
         try:
             await self.send_ping(self.server, self.server_limit)
         except KvError as error:
-            log.info("the server did not answer the node's own ping (%s): this round's "
-                     "silences are not counted", error)
-            return
+            # A server without XEP-0199 answers with an error, which says as
+            # well that it has handled the node's stream up to here; no answer,
+            # or a session lost meanwhile, says nothing about the holders.
+            if isinstance(error, Timeout) or not self.online():
+                log.info("the server did not answer the node's own ping (%s): this round's "
+                         "silences are not counted", error)
+                return
         routed = time.monotonic()
         if routed - sent > self.timeout:
             log.info("the server took %.1f s to route the node's pings: its holders are "

@@ -144,7 +144,8 @@ class StorageNode:
         """Holder -> when its last request arrived (monotonic): a request proves life."""
         self.pings = HolderPings(
             self._send_ping, server=self.jid.domain, timeout=config.ping_timeout,
-            heard=lambda owner: self._heard.get(owner, -math.inf), on_silent=self._on_silent)
+            heard=lambda owner: self._heard.get(owner, -math.inf), on_silent=self._on_silent,
+            online=self.session.online.is_set)
         self._handlers = {
             ("get", "get"): self._on_get,
             ("get", "list"): self._on_list,

@@ -104,6 +104,31 @@ async def test_a_round_whose_server_ping_goes_unanswered_judges_nobody() -> None
     assert [holder for holder, _ in silent] == ["hung@localhost/x"]
 
 
+async def test_an_error_from_a_server_without_ping_support_still_counts_as_routed() -> None:
+    server, silent = FakeServer(), []
+    server.delays[SERVER] = Unavailable("feature-not-implemented")
+    server.delays["hung@localhost/x"] = None
+    pings = make_pings(server, silent)
+    await pings.round(["hung@localhost/x"])
+    await pings.round(["hung@localhost/x"])
+    assert [holder for holder, _ in silent] == ["hung@localhost/x"]
+
+
+async def test_a_round_while_the_node_is_offline_judges_nobody() -> None:
+    server, silent = FakeServer(), []
+    offline = Unavailable("not connected")  # how the session fails every ping
+    server.delays[SERVER] = offline
+    server.delays["a@localhost/x"] = offline
+    server.delays["b@localhost/x"] = None
+    pings = HolderPings(server.send_ping, server=SERVER, timeout=TIMEOUT,
+                        heard=lambda _holder: -math.inf, online=lambda: False,
+                        on_silent=lambda holder, reason: silent.append((holder, reason)))
+    for _ in range(3):
+        await pings.round(["a@localhost/x", "b@localhost/x"])
+    assert silent == []
+    assert pings.missed == {}
+
+
 async def test_a_request_from_the_holder_since_the_ping_proves_it_busy_not_hung() -> None:
     server, silent = FakeServer(), []
     server.delays["busy@localhost/x"] = None
