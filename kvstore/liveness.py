@@ -14,10 +14,10 @@ handles the stanzas of one stream in order: its answer says the holders'
 pings have left the node's stream, and from then each holder has
 ``timeout`` to answer (an error from a server without XEP-0199 is an answer
 too). A round whose server ping goes unanswered within ``server_limit``
-judges nobody. A holder is hung after two missed rounds in
-a row; an answer that comes late (up to ``server_limit`` plus ``timeout``),
-or a request from the holder since the ping was sent, proves it alive and
-resets the count. Rounds never overlap, so a slow server is not sent more.
+judges nobody. A holder is hung after two missed rounds in a row; an answer
+that comes late (up to ``server_limit`` plus ``timeout``), or a request from
+the holder since the ping was sent, proves it alive and resets the count.
+Rounds never overlap, so a slow server is not sent more.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class HolderPings:
             self.missed.pop(holder, None)
 
     def _judge(self, holder: str, answer: asyncio.Future[Any], sent: float) -> None:
+        if answer.cancelled():
+            return  # the node is stopping
         if answer.done():
             error = answer.exception()
             if not isinstance(error, Unavailable):
