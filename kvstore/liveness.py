@@ -1,8 +1,10 @@
-"""Telling a hung holder of ephemeral keys from a busy server.
+"""The sessions holding ephemeral keys on a node, and when their keys go.
 
-A crashed session's stream closes and the server reports it at once; a hung
-one sends nothing and the server says nothing, so a storage node pings every
-holder of ephemeral keys (XEP-0199) and takes silence for death. Silence is
+A crashed session's stream closes and the server reports it at once: its
+keys go after a short grace period (:class:`Holders`; a reconnect within it
+keeps them). A hung one sends nothing and the server says nothing, so the
+node pings every holder (XEP-0199) and takes silence for death
+(:class:`HolderPings`). Silence is
 evidence only if the server delivered the pings and their answers. While
 500 agents logged in at once (each subscription rewriting the node's
 roster), the server took up to 1.7 s to answer the node's own ping and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -119,3 +122,97 @@ class HolderPings:
         self.missed.pop(holder, None)
         self.on_silent(holder, f"no answer from {holder} within {self.timeout:g}s of the "
                                f"server routing the ping, {missed} rounds in a row")
+
+
+class Holders:
+    """Who holds ephemeral keys here; each one's keys go when it is gone.
+
+    ``delete_keys(owner)`` deletes a session's ephemeral keys and returns how
+    many went. Leased keys are the lease's, not a session's: their owners
+    (``lease:...``) are never held here.
+    """
+
+    def __init__(self, owners: Iterable[str], *,
+                 delete_keys: Callable[[str], Awaitable[int]], send_ping: SendPing,
+                 server: str, online: Callable[[], bool], grace: float,
+                 ping_interval: float, ping_timeout: float) -> None:
+        self.owners: set[str] = set()
+        """Sessions (full JIDs) that hold ephemeral keys here."""
+        for owner in owners:
+            self.add(owner)
+        self.delete_keys = delete_keys
+        self.online = online
+        self.grace = grace
+        self.ping_interval = ping_interval
+        self._expiring: dict[str, asyncio.TimerHandle] = {}
+        """Sessions reported unavailable, each with the timer that expires it."""
+        self._heard: dict[str, float] = {}
+        """Holder -> when its last request arrived (monotonic): a request proves life."""
+        self.pings = HolderPings(
+            send_ping, server=server, timeout=ping_timeout, online=online,
+            heard=lambda owner: self._heard.get(owner, -math.inf), on_silent=self._on_silent)
+
+    def __contains__(self, owner: object) -> bool:
+        return owner in self.owners
+
+    def add(self, owner: str) -> None:
+        if not owner.startswith("lease:"):
+            self.owners.add(owner)
+
+    def heard(self, sender: str) -> None:
+        """A request from ``sender`` arrived."""
+        if sender in self.owners:
+            self._heard[sender] = time.monotonic()
+
+    def available(self, owner: str) -> None:
+        timer = self._expiring.pop(owner, None)
+        if timer is not None:
+            timer.cancel()  # back within the grace period: its keys stay
+
+    def unavailable(self, owner: str) -> None:
+        if owner in self.owners and owner not in self._expiring:
+            loop = asyncio.get_running_loop()
+            self._expiring[owner] = loop.call_later(self.grace, self._expire_soon, owner)
+
+    async def expire(self, owner: str) -> int:
+        """Delete every ephemeral key of the session ``owner`` now; returns how many."""
+        self.owners.discard(owner)
+        self._heard.pop(owner, None)
+        self.pings.forget(owner)
+        timer = self._expiring.pop(owner, None)
+        if timer is not None:
+            timer.cancel()
+        deleted = await self.delete_keys(owner)
+        if deleted:
+            log.info("%s is gone: deleted its %d ephemeral keys", owner, deleted)
+        return deleted
+
+    async def run(self) -> None:
+        """Ping the holders until cancelled.
+
+        A round starts every ``ping_interval``, as long as the last one is
+        over: a server slow to route one round is not sent the next meanwhile.
+        """
+        while True:
+            started = time.monotonic()
+            if self.online():
+                holders = [owner for owner in self.owners if owner not in self._expiring]
+                if holders:
+                    await self.pings.round(holders)
+            await asyncio.sleep(max(0.0, started + self.ping_interval - time.monotonic()))
+
+    def _expire_soon(self, owner: str) -> None:
+        self._expiring.pop(owner, None)
+        asyncio.ensure_future(self.expire(owner)).add_done_callback(_log_failure)
+
+    def _on_silent(self, owner: str, reason: str) -> None:
+        # A session lost meanwhile fails every ping in flight: that says nothing.
+        if owner not in self.owners or owner in self._expiring or not self.online():
+            return
+        log.info("%s did not answer a ping (%s)", owner, reason)
+        self._expire_soon(owner)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("expiring ephemeral keys failed", exc_info=task.exception())

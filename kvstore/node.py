@@ -34,7 +34,7 @@ from kvstore.acl import Policy
 from kvstore.client import Client
 from kvstore.commit import Committer
 from kvstore.config import NodeConfig
-from kvstore.liveness import HolderPings
+from kvstore.liveness import Holders
 from kvstore.recipe import TreeCache
 from kvstore.storage import (
     Change,
@@ -130,22 +130,17 @@ class StorageNode:
         self.started = time.time()
         self.peers: set[str] = set()
         """Full JIDs whose available presence the node has seen."""
-        self.holders: set[str] = {owner for owner in self.engine.ephemeral_owners()
-                                  if not owner.startswith("lease:")}
-        """Sessions (full JIDs) that hold ephemeral keys here."""
+        self.holders = Holders(
+            self.engine.ephemeral_owners(), delete_keys=self._delete_ephemeral,
+            send_ping=self._send_ping, server=self.jid.domain, online=self.session.online.is_set,
+            grace=config.ephemeral_grace, ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout)
         now = time.monotonic()
         self.leases: dict[str, LeaseState] = {
             lease_id: LeaseState(lease_id, ttl, grantor, now + ttl)
             for lease_id, (ttl, grantor) in self.engine.leases().items()
         }
         """Leases granted here; after a restart each gets its full time again."""
-        self._expiring: dict[str, asyncio.TimerHandle] = {}
-        self._heard: dict[str, float] = {}
-        """Holder -> when its last request arrived (monotonic): a request proves life."""
-        self.pings = HolderPings(
-            self._send_ping, server=self.jid.domain, timeout=config.ping_timeout,
-            heard=lambda owner: self._heard.get(owner, -math.inf), on_silent=self._on_silent,
-            online=self.session.online.is_set)
         self._handlers = {
             ("get", "get"): self._on_get,
             ("get", "list"): self._on_list,
@@ -182,7 +177,7 @@ class StorageNode:
         self.xmpp["xep_0030"].add_feature(wire.NS)
         await self.session.start()
         self._tasks.append(asyncio.ensure_future(self._compact_loop()))
-        self._tasks.append(asyncio.ensure_future(self._ping_loop()))
+        self._tasks.append(asyncio.ensure_future(self.holders.run()))
         self._tasks.append(asyncio.ensure_future(self._lease_loop()))
         self._tasks.append(asyncio.ensure_future(self._follow_acl()))
         self.hub.start()
@@ -229,18 +224,13 @@ class StorageNode:
     def _on_available(self, presence: Presence) -> None:
         who = str(presence["from"])
         self.peers.add(who)
-        timer = self._expiring.pop(who, None)
-        if timer is not None:
-            timer.cancel()  # back within the grace period: its keys stay
+        self.holders.available(who)
 
     def _on_unavailable(self, presence: Presence) -> None:
         who = str(presence["from"])
         self.peers.discard(who)
         self.hub.drop_watcher(who)
-        if who in self.holders and who not in self._expiring:
-            loop = asyncio.get_running_loop()
-            self._expiring[who] = loop.call_later(self.config.ephemeral_grace,
-                                                  self._expire_soon, who)
+        self.holders.unavailable(who)
 
     def _on_commit(self, changes: list[Change]) -> None:
         self.hub.publish(changes)
@@ -265,8 +255,7 @@ class StorageNode:
         handler = self._handlers.get((request.type, name))
         try:
             sender = request.sender
-            if sender in self.holders:
-                self._heard[sender] = time.monotonic()
+            self.holders.heard(sender)
             if not self.policy.known(sender):
                 log.warning("refused <%s/> from %s: not a JID this node's policy knows",
                             name, sender)
@@ -467,7 +456,7 @@ class StorageNode:
         if outcome is None:
             return
         kv = outcome.kv
-        if kv.ephemeral and not kv.ephemeral.startswith("lease:"):
+        if kv.ephemeral:
             self.holders.add(kv.ephemeral)
         self.session.reply(request, f"<put xmlns='{wire.NS}' rev='{outcome.rev}' "
                                     f"version='{kv.version}' create-rev='{kv.create_rev}'/>")
@@ -550,8 +539,7 @@ class StorageNode:
         if outcome is None:
             return
         for result in outcome.results or []:
-            if isinstance(result, KeyValue) and result.ephemeral and \
-                    not result.ephemeral.startswith("lease:"):
+            if isinstance(result, KeyValue) and result.ephemeral:
                 self.holders.add(result.ephemeral)
         visible = self.policy.reader(request.sender)
         results = [[kv for kv in r if visible(kv.key)] if isinstance(r, list) else r
@@ -661,57 +649,20 @@ class StorageNode:
 
     # --- ephemeral keys ---------------------------------------------------
     #
-    # A crashed writer's stream closes and the server sends its unavailable
-    # presence at once; after a short grace period (a reconnect keeps the
-    # keys) they go. A hung writer sends nothing and the server says nothing,
-    # so the node pings every holder (XEP-0199) and takes silence for death
-    # (kvstore.liveness: two rounds missed in a row, counted only when the
-    # server shows it routed the pings).
+    # Who holds them and when their keys go (a grace period after the
+    # session's unavailable presence; two silent ping rounds for a hung one)
+    # is kvstore.liveness.Holders; the node deletes the keys and sends the pings.
 
-    def _expire_soon(self, owner: str) -> None:
-        self._expiring.pop(owner, None)
-        task = asyncio.ensure_future(self.expire_session(owner))
-        task.add_done_callback(_log_failure)
-
-    async def expire_session(self, owner: str) -> int:
-        """Delete every ephemeral key of the session ``owner`` (a full JID)."""
-        self.holders.discard(owner)
-        self._heard.pop(owner, None)
-        self.pings.forget(owner)
-        timer = self._expiring.pop(owner, None)
-        if timer is not None:
-            timer.cancel()
+    async def _delete_ephemeral(self, owner: str) -> int:
         outcome = await self.committer.submit(DeleteEphemeralOp(owner))
-        if outcome.deleted:
-            log.info("%s is gone: deleted its %d ephemeral keys", owner, outcome.deleted)
         return outcome.deleted
-
-    async def _ping_loop(self) -> None:
-        # A round starts every ping_interval, as long as the last one is over:
-        # a server slow to route one round is not sent the next meanwhile.
-        interval = self.config.ping_interval
-        while True:
-            started = time.monotonic()
-            if self.session.online.is_set():
-                holders = [owner for owner in self.holders if owner not in self._expiring]
-                if holders:
-                    await self.pings.round(holders)
-            await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
 
     def _send_ping(self, to: str, timeout: float) -> asyncio.Future[Any]:
         return self.session.send_iq(self.session.iq(to, "get", "<ping xmlns='urn:xmpp:ping'/>"),
                                     timeout)
 
-    def _on_silent(self, owner: str, reason: str) -> None:
-        # A session lost meanwhile fails every ping in flight: that says nothing.
-        if owner not in self.holders or owner in self._expiring \
-                or not self.session.online.is_set():
-            return
-        log.info("%s did not answer a ping (%s)", owner, reason)
-        self._expire_soon(owner)
-
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("expiring ephemeral keys failed", exc_info=task.exception())
+        log.error("revoking an expired lease failed", exc_info=task.exception())
 

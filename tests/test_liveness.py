@@ -1,4 +1,4 @@
-"""Unit tests for kvstore.liveness: which silences make a holder of ephemeral keys hung.
+"""Unit tests for kvstore.liveness: when a holder of ephemeral keys is gone or hung.
 
 The server and the holders are faked: each ping is a future that the test
 answers (or not) after a chosen delay, and that times out as
@@ -8,11 +8,12 @@ kvstore.xmpp.Session's do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
 
-from kvstore.liveness import HolderPings
+from kvstore.liveness import HolderPings, Holders
 from protocol.errors import Timeout, Unavailable
 
 SERVER = "localhost"
@@ -158,3 +159,65 @@ async def test_a_late_answer_proves_life_and_resets_the_count() -> None:
     await pings.round([holder])
     assert silent == []
     assert pings.missed == {holder: 1}
+
+
+class FakeStore:
+    """Deletes nothing; records whose keys the holders asked to delete."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    async def delete_keys(self, owner: str) -> int:
+        self.deleted.append(owner)
+        return 3
+
+
+def make_holders(store: FakeStore, owners: list[str], grace: float = 0.05) -> Holders:
+    return Holders(owners, delete_keys=store.delete_keys, send_ping=FakeServer().send_ping,
+                   server=SERVER, online=lambda: True, grace=grace, ping_interval=10.0,
+                   ping_timeout=TIMEOUT)
+
+
+async def test_an_unavailable_holder_loses_its_keys_after_the_grace_unless_it_returns() -> None:
+    store = FakeStore()
+    holders = make_holders(store, ["gone@localhost/x", "back@localhost/x"])
+    holders.unavailable("gone@localhost/x")
+    holders.unavailable("back@localhost/x")
+    holders.available("back@localhost/x")  # a reconnect within the grace
+    assert store.deleted == []
+    await asyncio.sleep(0.15)
+    assert store.deleted == ["gone@localhost/x"]
+    assert "gone@localhost/x" not in holders
+    assert "back@localhost/x" in holders
+
+
+async def test_a_session_that_holds_nothing_here_is_not_expired() -> None:
+    store = FakeStore()
+    holders = make_holders(store, ["lease:1234", "holder@localhost/x"])
+    assert "lease:1234" not in holders  # a lease's keys are the lease's
+    holders.unavailable("stranger@localhost/x")
+    holders.heard("stranger@localhost/x")
+    await asyncio.sleep(0.1)
+    assert store.deleted == []
+    assert holders.owners == {"holder@localhost/x"}
+
+
+async def test_a_hung_holder_is_expired_by_the_ping_rounds() -> None:
+    store = FakeStore()
+    server = FakeServer()
+    server.delays["hung@localhost/x"] = None
+    server.delays["fine@localhost/x"] = 0.0
+    holders = Holders(["hung@localhost/x", "fine@localhost/x"], delete_keys=store.delete_keys,
+                      send_ping=server.send_ping, server=SERVER, online=lambda: True,
+                      grace=1.0, ping_interval=TIMEOUT * 2, ping_timeout=TIMEOUT)
+    rounds = asyncio.ensure_future(holders.run())
+    try:
+        deadline = time.monotonic() + 2.0
+        while not store.deleted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        rounds.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rounds
+    assert store.deleted == ["hung@localhost/x"]
+    assert holders.owners == {"fine@localhost/x"}
