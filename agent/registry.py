@@ -30,14 +30,17 @@ class Registry:
 
     async def register(self, jid: str, resources: list[str], description: dict[str, Any],
                        *, timeout: float | None = None) -> None:
-        """Write the agent's entries, bound to the current session."""
+        """Write the agent's entries, bound to the current session.
+
+        One transaction per shard: discovery never sees part of a shard's
+        entries, and hundreds of agents starting at once cost the node one
+        write each instead of one per resource.
+        """
         for resource in resources:
             validate_resource(resource)
-        writes = [self.client.put(self.layout.agent_key(jid), json.dumps(description),
-                                  ephemeral=True, timeout=timeout)]
-        writes += [self.client.put(self.layout.provider_key(resource, jid), b"",
-                                   ephemeral=True, timeout=timeout) for resource in resources]
-        await asyncio.gather(*writes)
+        entries: dict[str, bytes | str] = {self.layout.agent_key(jid): json.dumps(description)}
+        entries.update({self.layout.provider_key(resource, jid): b"" for resource in resources})
+        await self.client.put_many(entries, ephemeral=True, timeout=timeout)
 
     async def unregister(self, jid: str, resources: list[str],
                          *, timeout: float | None = None) -> None:

@@ -398,12 +398,13 @@ class Client:
                 parsed.append(item)
         return TxnResult(answer.attr("succeeded") == "true", rev, parsed, shard)
 
-    async def put_many(self, items: Mapping[str, bytes | str], *,
+    async def put_many(self, items: Mapping[str, bytes | str], *, ephemeral: bool = False,
                        timeout: float | None = None) -> dict[str, int]:
         """Write many keys: one transaction per shard (atomic within each shard).
 
         Returns shard -> the revision of its writes. A shard's keys are split
         into several transactions only when they would not fit in one stanza.
+        ``ephemeral`` binds every key to this session, as :meth:`put` does.
         """
         if not self.directory.complete:
             await self.directory.ready(timeout or self.timeout)
@@ -411,7 +412,7 @@ class Client:
         for key, value in items.items():
             keys.validate(key, CLIENT_KEY_LIMITS)
             by_shard.setdefault(self.directory.shard_of(key), []).append(
-                Put(key, _to_bytes(value)))
+                Put(key, _to_bytes(value), ephemeral))
         chunks: list[list[Put]] = []
         for puts in by_shard.values():
             chunk: list[Put] = []

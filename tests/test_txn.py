@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 import watch_validators as check
+from waits import until_deleted
 
 from kvstore.client import Client, PutResult
+from kvstore.devcluster import DevCluster
 from protocol.errors import BadRequest, InvalidKey, KvError, ValueTooLarge
 from protocol.model import Compare, Delete, EventType, Get, Put
 
@@ -76,6 +78,18 @@ async def test_put_many_writes_everything_and_groups_by_shard(kv: Client, prefix
     assert set(revisions) == {"/", "/sharded"}
     stored = (await kv.get_prefix(prefix)).items + (await kv.get_prefix(f"/sharded{prefix}")).items
     assert {item.key: item.value for item in stored} == items
+
+
+async def test_put_many_ephemeral_binds_every_key_to_the_session(
+        cluster: DevCluster, kv: Client, prefix: str) -> None:
+    items = {f"{prefix}/a": b"1", f"{prefix}/b": b"2", f"/sharded{prefix}/c": b"3"}
+    async with Client(cluster.settings(), resource="short-lived") as session:
+        await session.put_many(items, ephemeral=True)
+        for key in items:
+            assert (await kv.get(key)).ephemeral
+    # The session ended: the node deletes its keys after the grace period.
+    for key in items:
+        await until_deleted(kv, key, within=10.0)
 
 
 async def test_bad_transactions_are_refused_and_change_nothing(kv: Client, prefix: str) -> None:
