@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from slixmpp import JID, Presence
 
@@ -28,6 +29,8 @@ from protocol.errors import Unavailable
 from protocol.stanza import NS as _NS
 
 log = logging.getLogger(__name__)
+
+_ROSTER_NS = "jabber:iq:roster"
 
 HARD_VALUE_LIMIT = 180_000
 """Largest value any client sends: base64 makes it 240 KB, under servers' 256 KiB cap."""
@@ -86,14 +89,13 @@ class Directory:
     async def _follow_nodes(self) -> None:
         self._followed_at = asyncio.get_running_loop().time()
         xmpp = self.session.xmpp
+        answer = None
         try:
-            await xmpp.get_roster(timeout=self.session.settings.timeout)
+            answer = await xmpp.get_roster(timeout=self.session.settings.timeout)
         except Exception as exc:
             log.warning("roster fetch failed: %s", exc)
-        roster = xmpp.client_roster
         for bare in self.nodes:
-            item = roster[bare] if bare in roster else None
-            if item is None or not item["to"]:
+            if not _subscribed(xmpp, answer, bare):
                 self.nodes[bare].pending = True
                 xmpp.send_presence(pto=bare, ptype="subscribe")
         # The initial presence makes the server probe every subscribed node
@@ -264,4 +266,17 @@ class Directory:
         return message
 
 
+def _subscribed(xmpp: Any, answer: Any, bare: str) -> bool:
+    """Whether the server's roster has us subscribed to ``bare``'s presence.
 
+    A roster in the answer is the whole roster: a node missing from it is not
+    subscribed, even if slixmpp's copy (kept across reconnects, and only ever
+    updated item by item) still says so, as after a server that lost its
+    rosters. An answer without a roster means "unchanged since the version
+    you have" (roster versioning): slixmpp's copy holds.
+    """
+    if answer is not None and answer.xml.find(f"{{{_ROSTER_NS}}}query") is not None:
+        item = answer["roster"]["items"].get(JID(bare))
+        return item is not None and item["subscription"] in ("to", "both")
+    roster = xmpp.client_roster
+    return bare in roster and bool(roster[bare]["to"])

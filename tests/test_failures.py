@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -165,6 +166,39 @@ async def test_a_frozen_server_gives_timeouts_not_hangs_and_then_recovery(
             except Unavailable:
                 assert time.monotonic() < deadline, "the client never recovered"
                 await asyncio.sleep(0.2)
+
+
+async def test_sessions_subscribe_again_after_the_server_loses_its_rosters(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    # A server restored without its rosters (or keeping them in memory) has
+    # forgotten every subscription, while each session's copy of its roster
+    # still lists them. Pings are rare here, so only presence can tell the
+    # node that a holder left.
+    dev = make_cluster(node_settings={"ephemeral": {"ping_interval": 60}})
+    async with Client(dev.settings(timeout=2)) as kv:
+        await kv.put("/lost/a", b"before")
+        await asyncio.to_thread(dev.prosody.stop)
+        rosters = [path for path in dev.prosody.data_path.rglob("roster") if path.is_dir()]
+        assert rosters, "the server kept no rosters on disk"
+        for folder in rosters:
+            shutil.rmtree(folder)
+        await asyncio.to_thread(dev.prosody.start)
+        holder = Client(dev.settings(timeout=2), resource="holder")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                await kv.put("/lost/b", b"after")
+                await holder.connect()
+                await holder.put("/lost/holder", b"x", ephemeral=True)
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "no recovery without the rosters"
+                await asyncio.sleep(0.2)
+        assert (await kv.get("/lost/a")).value == b"before"
+        await holder.close()
+        # The node follows the holder's presence again: its key goes after
+        # the grace period, long before the next ping.
+        await until_deleted(kv, "/lost/holder", within=5.0)
 
 
 async def test_client_and_node_reconnect_after_a_server_restart(
