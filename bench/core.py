@@ -46,6 +46,7 @@ from bench.load import LoadResult, closed_loop, percentile
 from bench.profile import Profile
 from bench.report import ECHO, ECHO_ITEM, ECHO_PUT, Figure, Figures, Kind
 from bench.runtime import Processes, guarded, progress, run_async
+from bench.slices import Run, Sliced, alternate
 from bench.watch import measure_watch
 from bench.workload import Workload
 from kvstore.client import Client
@@ -195,35 +196,17 @@ class CoreBench:
         result = await run(concurrency, profile.max_ops, profile.duration)
         return result, self.meter.stop()
 
-    async def measure_slices(self, kinds: Sequence[str], concurrency: int
-                             ) -> dict[str, tuple[list[LoadResult], dict[str, float]]]:
-        """Every kind in short alternating slices, for as long as one measurement each.
-
-        Sequential latencies drift by a third within seconds on a shared
-        machine (the cost of a wake-up, of a loopback send), and throughput
-        under load by a fifth between one measurement and the next: two full
-        runs of the same code put the get at 64 in flight at 0.91 and at 0.70
-        of the echo when each kind ran its 4 s in turn. Slices in turn expose
-        every kind to the same drift.
-        """
+    async def measure_slices(self, kinds: Sequence[str], concurrency: int) -> Sliced:
+        """Every kind in short alternating slices, for as long as one measurement each."""
         profile = self.profile
-        for kind in kinds:
-            await self.runners[kind](concurrency, profile.max_ops, profile.warmup)
-        length = SLICE_SECONDS if concurrency == 1 else LOADED_SLICE_SECONDS
-        slices = max(1, round(profile.duration / length))
-        found: dict[str, tuple[list[LoadResult], dict[str, float]]] = {
-            kind: ([], {}) for kind in kinds}
-        for number in range(slices):
-            shift = number % len(kinds)
-            for kind in [*kinds[shift:], *kinds[:shift]]:
-                self.meter.start()
-                result = await self.runners[kind](concurrency, profile.max_ops // slices,
-                                                  profile.duration / slices)
-                results, cpu = found[kind]
-                results.append(result)
-                for name, percent in self.meter.stop().items():
-                    cpu[name] = cpu.get(name, 0.0) + percent / slices
-        return found
+
+        def run(kind: str) -> Run:
+            return lambda max_ops, seconds: self.runners[kind](concurrency, max_ops, seconds)
+
+        return await alternate(
+            {kind: run(kind) for kind in kinds}, warmup=profile.warmup,
+            duration=profile.duration, max_ops=profile.max_ops, meter=self.meter,
+            slice_seconds=SLICE_SECONDS if concurrency == 1 else LOADED_SLICE_SECONDS)
 
     async def rounds(self) -> Figures:
         figures: Figures = {}
