@@ -6,15 +6,18 @@ One run measures, each part through a private Prosody of its own
 1. **core** (:mod:`bench.core`, :mod:`bench.watch`): the raw IQ echo (the
    ceiling) at 1, 16, 64 and 256 in flight; the store's get, durable put,
    100-key subtree read, 100-put batch (``txn``) and ``put_many`` at 1, 16
-   and 64 in flight; etcd (a private ``etcd`` process, :mod:`bench.etcd`)
-   doing the same work with the same keys, values and concurrency; all of
-   them in rotating rounds, side by side. Then a 10,000-child listing and
+   and 64 in flight; etcd (a private ``etcd`` process, :mod:`bench.etcd`,
+   loaded from a process of its own, :mod:`bench.etcd_driver`) doing the
+   same work with the same keys, values and concurrency; all of them in
+   rotating rounds of alternating slices, side by side. Then a 10,000-child listing and
    watch delivery (latency with 1 and 100 watchers, events per second).
 2. **scale** (:mod:`bench.scale`): get and put with 10,000 and with
-   1,000,000 keys in the shard, and with 1 and 4 shards; the storage
-   node's memory with the large shard and 1,000 watchers.
+   1,000,000 keys in the shard, and with 1 and 4 shards, in alternating
+   slices; the storage node's memory with the large shard and 1,000
+   watchers.
 3. **agents** (:mod:`bench.agents`): discovery among 1,000 registered agents
-   and 500 real agents starting at once.
+   and 500 real agents starting at once, in a process of their own
+   (:mod:`bench.fleet`).
 
 Every measurement is bounded in count and time. Progress goes to stderr;
 the tables, then one JSON object (the last line), to stdout. Every process
