@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from kvstore.storage import is_lease_owner
 from protocol.errors import KvError, Timeout, Unavailable
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Holders:
         return owner in self.owners
 
     def add(self, owner: str) -> None:
-        if not owner.startswith("lease:"):
+        if not is_lease_owner(owner):
             self.owners.add(owner)
 
     def heard(self, sender: str) -> None:

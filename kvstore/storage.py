@@ -105,9 +105,17 @@ class LeaseOp:
     grantor: str = ""
 
 
+_LEASE_OWNER = "lease:"
+
+
 def lease_owner(lease_id: str) -> str:
     """The owner recorded on keys bound to a lease (ephemeral keys record a full JID)."""
-    return f"lease:{lease_id}"
+    return f"{_LEASE_OWNER}{lease_id}"
+
+
+def is_lease_owner(owner: str) -> bool:
+    """Whether keys recorded with ``owner`` are bound to a lease, not to a session."""
+    return owner.startswith(_LEASE_OWNER)
 
 
 @dataclass(slots=True)
