@@ -134,12 +134,13 @@ async def measure_discovery(caller: Caller, profile: Profile) -> dict[str, Any]:
     }
 
 
-async def start_agents(cluster: DevCluster, caller: Caller, profile: Profile,
-                       folder: Path) -> dict[str, Any]:
+async def start_agents(cluster: DevCluster, caller: Caller, profile: Profile
+                       ) -> dict[str, Any]:
     count = profile.real_agents
     progress(f"agents: creating {count} accounts")
     settings = [cluster.settings(f"agent{i:04d}", timeout=REQUEST_TIMEOUT) for i in range(count)]
-    fleet = FleetProcess(settings, folder / "fleet.log", start_limit=profile.agent_start_limit,
+    fleet = FleetProcess(settings, cluster.folder / "fleet.log",
+                         start_limit=profile.agent_start_limit,
                          request_timeout=REQUEST_TIMEOUT)
     node = next(iter(cluster.nodes.values()))
     clock = time.perf_counter
@@ -202,8 +203,7 @@ async def _measure(cluster: DevCluster, profile: Profile) -> dict[str, Any]:
         discovery = await guarded("discovery", measure_discovery(caller, profile))
         progress(f"agents: discover p50 {discovery.get('p50_ms')} ms, "
                  f"p99 {discovery.get('p99_ms')} ms")
-        startup = await guarded("agent start-up",
-                                start_agents(cluster, caller, profile, cluster.folder))
+        startup = await guarded("agent start-up", start_agents(cluster, caller, profile))
         startup["prosody_kib"] = memory_kib(cluster.prosody.pid or 0)
         startup["node_kib"] = memory_kib(node.pid or 0)
         startup.update(_node_log(node.folder / "node.log"))

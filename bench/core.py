@@ -42,7 +42,7 @@ from bench.cpu import CpuMeter
 from bench.echo import EchoRequester, ResponderProcess
 from bench.etcd import Availability, EtcdError, EtcdServer
 from bench.etcd_driver import EtcdDriver
-from bench.load import LoadResult, closed_loop, percentile
+from bench.load import LoadResult, closed_loop
 from bench.profile import Profile
 from bench.report import ECHO, ECHO_ITEM, ECHO_PUT, Figure, Figures, Kind
 from bench.runtime import Processes, guarded, progress, run_async
@@ -218,15 +218,12 @@ class CoreBench:
             figure = figures.setdefault((kind, concurrency), Figure(kind, concurrency))
             figure.runs.extend(runs)
             figure.cpu.append(cpu)
-            ops = sum(run.ops for run in runs)
-            elapsed = sum(run.elapsed for run in runs)
-            latencies = [latency for run in runs for latency in run.latencies]
+            total = LoadResult.combined(runs)
             progress(
                 f"round {round_number + 1}/{self.profile.rounds}  {concurrency:>3} in "
-                f"flight  {kind:<12} {ops / elapsed if elapsed else 0:>8,.0f} ops/s  "
-                f"p50 {percentile(latencies, 0.5) * 1000:7.2f} ms  "
-                f"p99 {percentile(latencies, 0.99) * 1000:7.2f} ms  "
-                f"errors {sum(run.errors for run in runs)}")
+                f"flight  {kind:<12} {total.ops_per_s:>8,.0f} ops/s  "
+                f"p50 {total.percentile_ms(0.5):7.2f} ms  "
+                f"p99 {total.percentile_ms(0.99):7.2f} ms  errors {total.errors}")
 
         for round_number in range(self.profile.rounds):
             # Rotate the order each round so no kind always follows the same one.

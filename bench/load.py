@@ -49,6 +49,16 @@ class LoadResult:
     def percentile_ms(self, fraction: float) -> float:
         return percentile(self.latencies, fraction) * 1000.0
 
+    @classmethod
+    def combined(cls, results: Sequence[LoadResult]) -> LoadResult:
+        """Runs of one kind (the slices of a round) taken as one run."""
+        return cls(results[0].concurrency if results else 0,
+                   sum(result.ops for result in results),
+                   sum(result.errors for result in results),
+                   sum(result.elapsed for result in results),
+                   [latency for result in results for latency in result.latencies],
+                   next((result.first_error for result in results if result.first_error), None))
+
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
     """The nearest-rank percentile of ``samples`` (NaN when there are none)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import CpuMeter, memory_kib
-from bench.load import closed_loop, percentile
+from bench.load import LoadResult, closed_loop
 from bench.profile import Profile
 from bench.report import Figure, fmt, ratio
 from bench.runtime import Processes, guarded, progress, run_async
@@ -216,13 +216,10 @@ class ScaleBench:
             for name, (results, cpu) in found.items():
                 figures[name].runs.extend(results)
                 figures[name].cpu.append(cpu)
-                ops = sum(result.ops for result in results)
-                elapsed = sum(result.elapsed for result in results)
-                latencies = [latency for result in results for latency in result.latencies]
+                total = LoadResult.combined(results)
                 progress(f"scale round {round_number + 1}/{profile.rounds}  {name:<12} "
-                         f"{ops / elapsed if elapsed else 0:>8,.0f} ops/s  "
-                         f"p50 {percentile(latencies, 0.5) * 1000:7.2f} ms  "
-                         f"errors {sum(result.errors for result in results)}")
+                         f"{total.ops_per_s:>8,.0f} ops/s  "
+                         f"p50 {total.percentile_ms(0.5):7.2f} ms  errors {total.errors}")
         return figures
 
     async def memory(self) -> dict[str, Any]:
