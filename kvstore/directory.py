@@ -8,6 +8,13 @@ sends the unavailable presence the moment the node's stream ends, and answers
 the client's own login with the current presence of every node (or an
 unavailable one for a node that is down).
 
+The other way round a client sends each node it sees online a directed
+presence (RFC 6121 4.6) instead of being subscribed to: the server then tells
+that node when the client's session ends, which ends the client's watches and
+ephemeral keys there. A subscription would do the same at twice the roster
+changes, and a server that keeps rosters in files (Prosody's default) rewrites
+the node's whole roster, one item per client, at each change.
+
 A key is routed to the shard whose prefix is its longest segment-wise prefix.
 A shard the client has heard of but whose node is offline makes operations
 on it fail fast with :class:`~protocol.errors.Unavailable`.
@@ -66,7 +73,8 @@ class Directory:
     def __init__(self, session: Session, nodes: list[str], *, announce: bool = True) -> None:
         self.session = session
         self.announce = announce
-        """Send our own initial presence; a storage node sends its own, with its shards."""
+        """Send our own initial presence, and a directed one to each node seen
+        online; a storage node sends its own presence, with its shards."""
         own = session.jid.bare
         self.nodes: dict[str, NodeInfo] = {JID(n).bare: NodeInfo(JID(n).bare) for n in nodes
                                            if JID(n).bare != own}
@@ -79,7 +87,6 @@ class Directory:
         xmpp = session.xmpp
         xmpp.add_event_handler("presence_available", self._on_available)
         xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
-        xmpp.add_event_handler("presence_subscribe", self._on_subscribe)
         xmpp.add_event_handler("presence_subscribed", self._on_subscribed)
         session.on_start.append(self._follow_nodes)
         session.on_stop.append(self._forget_presence)
@@ -109,12 +116,6 @@ class Directory:
         self.nodes[node.bare] = node
         self.known_shards.update(shards)
 
-    def _on_subscribe(self, presence: Presence) -> None:
-        # A node subscribes back to follow our presence (it ends our watches
-        # and ephemeral keys when we leave); approve only known nodes.
-        if presence["from"].bare in self.nodes:
-            self.session.xmpp.send_presence(pto=presence["from"].bare, ptype="subscribed")
-
     def _on_subscribed(self, presence: Presence) -> None:
         node = self.nodes.get(presence["from"].bare)
         if node is not None:
@@ -143,6 +144,8 @@ class Directory:
         except ValueError:
             node.max_value = HARD_VALUE_LIMIT
         self.known_shards.update(node.shards)
+        if self.announce:
+            self.session.xmpp.send_presence(pto=node.jid)
         self._notify(node)
 
     def _on_unavailable(self, presence: Presence) -> None:

@@ -2,7 +2,9 @@
 
 A node is an ordinary XMPP client. It announces the shards it serves in its
 presence, accepts presence subscriptions from clients (so each client learns
-at once when the node comes or goes), and answers the kvstore IQs:
+at once when the node comes or goes), follows the directed presence each
+client sends it (so it learns when the client goes), and answers the kvstore
+IQs:
 
 * reads (get, list, status) straight from an LMDB snapshot on the event loop;
 * writes (put, delete) through the :class:`~kvstore.commit.Committer`, which
@@ -215,11 +217,10 @@ class StorageNode:
         presence.send()
 
     def _on_subscribe(self, presence: Presence) -> None:
-        who = presence["from"].bare
-        self.xmpp.send_presence(pto=who, ptype="subscribed")
-        # Subscribe back: the node follows its clients' presence to end their
-        # watches and ephemeral keys when they go away.
-        self.xmpp.send_presence(pto=who, ptype="subscribe")
+        # No subscription back: each client sends the node a directed
+        # presence, which the server ends with an unavailable one when the
+        # client's session goes (see kvstore.directory).
+        self.xmpp.send_presence(pto=presence["from"].bare, ptype="subscribed")
 
     def _on_available(self, presence: Presence) -> None:
         who = str(presence["from"])

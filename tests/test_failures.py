@@ -187,6 +187,22 @@ async def test_sessions_subscribe_again_after_the_server_loses_its_rosters(
         await until_deleted(kv, "/lost/holder", within=5.0)
 
 
+async def test_a_restarted_node_keeps_a_live_holders_keys_and_learns_when_it_leaves(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    # Pings are rare here: only presence can tell the restarted node that the
+    # holder left, and the server sends it only because the holder announced
+    # itself again to the node's new session.
+    dev = make_cluster(node_settings={"ephemeral": {"ping_interval": 60}})
+    async with Client(dev.settings(timeout=2)) as kv:
+        async with Client(dev.settings(timeout=2), resource="holder") as holder:
+            await holder.put("/back/holder", b"x", ephemeral=True)
+            await asyncio.to_thread(dev.restart_node, "node1")
+            await until_served(lambda: kv.get("/back/holder"), 15, "the node never came back")
+            await asyncio.sleep(2.0)  # past the grace a silent holder would get
+            assert (await holder.get("/back/holder")).value == b"x"
+        assert await until_deleted(kv, "/back/holder", within=5.0) < 5.0
+
+
 async def test_client_and_node_reconnect_after_a_server_restart(
         make_cluster: Callable[..., DevCluster]) -> None:
     dev = make_cluster()
