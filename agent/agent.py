@@ -91,12 +91,26 @@ class Agent:
         """Connect, register every resource, and start serving calls."""
         await self.client.connect(timeout)
         await self.register()
+        self._own_watches = [DataWatch(self.client, key, self._on_own_entry)
+                             for key in self._sentinels()]
+        await asyncio.gather(*(watch.start() for watch in self._own_watches))
+        return self
+
+    def _sentinels(self) -> list[str]:
+        """One of the agent's own keys per shard they are in.
+
+        A node that takes a session for dead deletes all of its ephemeral keys
+        in one transaction, so one watched key per shard tells of it: a
+        thousand agents cost the node a watch or two each, not one per
+        resource.
+        """
         layout = self.registry.layout
         own = [layout.agent_key(self.jid)]
         own += [layout.provider_key(resource, self.jid) for resource in self.resources]
-        self._own_watches = [DataWatch(self.client, key, self._on_own_entry) for key in own]
-        await asyncio.gather(*(watch.start() for watch in self._own_watches))
-        return self
+        by_shard: dict[str, str] = {}
+        for key in own:
+            by_shard.setdefault(self.client.directory.shard_of(key), key)
+        return list(by_shard.values())
 
     async def register(self) -> None:
         await self.registry.register(self.jid, self.resources, self.description())

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from kvstore.client import Client
 from kvstore.devcluster import DevCluster
 from protocol.agent import OperationFailed, UnknownOperation
 from protocol.errors import BadRequest, Timeout
-from protocol.model import EventType
+from protocol.model import Delete, EventType
 
 KVSTORE = str(Path(sys.executable).with_name("kvstore"))
 
@@ -233,9 +233,30 @@ async def test_an_agent_whose_entries_vanish_registers_again(cluster: DevCluster
     try:
         async with Client(cluster.settings()) as kv:
             registry = Registry(kv)
-            await kv.delete(registry.layout.agent_key(agent.jid))
-            await kv.delete(registry.layout.provider_key(tag, agent.jid))
+            # As a node that took the agent for dead: all its entries at once.
+            await kv.txn(success=[Delete(registry.layout.agent_key(agent.jid)),
+                                  Delete(registry.layout.provider_key(tag, agent.jid))])
             await _until(lambda: _present(registry, tag, agent.jid), 5.0)
+    finally:
+        await agent.stop()
+
+
+async def test_an_agent_registers_again_when_one_shard_loses_its_entries(
+        make_cluster: Callable[..., DevCluster]) -> None:
+    # The description lives on node1 and the resource index on node2: node2
+    # alone may take the agent for dead and delete what it holds of it.
+    dev = make_cluster(shards=["/", "/sys/resources"])
+    agent = Agent(dev.settings("split"), name="split", actors=[Worker(["/t/a", "/t/b"])])
+    await agent.start()
+    try:
+        async with Client(dev.settings()) as kv:
+            registry = Registry(kv)
+            # As the node does: every entry it holds, in one transaction.
+            await kv.txn(success=[Delete(registry.layout.provider_key(resource, agent.jid))
+                                  for resource in agent.resources])
+            await _until(lambda: _present(registry, "/t/a", agent.jid), 5.0)
+            assert await registry.discover("/t/b") == [agent.jid]
+            assert (await registry.describe(agent.jid))["name"] == "split"
     finally:
         await agent.stop()
 
