@@ -21,6 +21,7 @@ slixmpp ``ClientXMPP`` and adds what slixmpp leaves to the application:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import secrets
@@ -30,6 +31,8 @@ from typing import Any
 
 from slixmpp import JID, ClientXMPP, Iq, Presence
 from slixmpp.exceptions import IqError
+from slixmpp.util import bytes as utf8
+from slixmpp.util.sasl.mechanisms import SCRAM
 from slixmpp.xmlstream import ET, register_stanza_plugin
 
 from kvstore.config import ConnectionSettings
@@ -54,6 +57,20 @@ class AuthenticationFailed(Unavailable):
     """The XMPP server refused the configured JID and password."""
 
     condition = "not-authorized"
+
+
+def _scram_hi(mechanism: SCRAM, text: str | bytes, salt: bytes, iterations: int) -> bytes:
+    """SCRAM's Hi (RFC 5802), which is PBKDF2 with the mechanism's hash.
+
+    slixmpp computes it with one Python HMAC per iteration: about 9 ms a login
+    at Prosody's 4,096 iterations, against 1 ms in C. Every ``kv`` command
+    logs in once, and a machine starting hundreds of sessions at once spent
+    most of its CPU here.
+    """
+    return hashlib.pbkdf2_hmac(mechanism.hash().name, utf8(text), salt, iterations)
+
+
+SCRAM.Hi = _scram_hi
 
 
 def register_stanzas() -> None:

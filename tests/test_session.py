@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+from typing import Any
 
+import pytest
+from slixmpp.util.sasl.mechanisms import SCRAM
 from slixmpp.xmlstream import ET
 
 from kvstore.config import ConnectionSettings
-from kvstore.xmpp import Inbound, Session
+from kvstore.xmpp import Inbound, Session, _scram_hi
 from protocol.errors import Timeout, Unavailable
 
 
@@ -121,3 +126,21 @@ async def test_a_lost_connection_fails_every_request_and_cancels_their_timers() 
     assert session._pending == {}
     assert all(timer.cancelled() for timer in timers)
     assert all(isinstance(future.exception(), Unavailable) for future in futures)
+
+
+@pytest.mark.parametrize("digest", [hashlib.sha1, hashlib.sha256])
+@pytest.mark.parametrize("password", ["pencil", "pässwörd", b"raw bytes"])
+def test_scram_hi_is_rfc_5802s_definition(digest: Any, password: str | bytes) -> None:
+    # Hi(str, salt, i) = U1 XOR U2 XOR ... XOR Ui, U1 = HMAC(str, salt + INT(1)),
+    # Uk = HMAC(str, Uk-1); written out here as the RFC does.
+    key = password.encode() if isinstance(password, str) else password
+    salt, iterations = b"QSXCR+Q6sek8bf92", 4096
+    u = hmac.new(key, salt + b"\0\0\0\1", digest).digest()
+    expected = u
+    for _ in range(iterations - 1):
+        u = hmac.new(key, u, digest).digest()
+        expected = bytes(a ^ b for a, b in zip(expected, u, strict=True))
+    mechanism = SCRAM.__new__(SCRAM)
+    mechanism.hash = digest
+    assert SCRAM.Hi is _scram_hi
+    assert SCRAM.Hi(mechanism, password, salt, iterations) == expected
