@@ -259,7 +259,22 @@ def _agents_text(agents: dict[str, Any]) -> list[str]:
                          f"sessions' ephemeral keys deleted"),
         ("  CPU % of a core", _cpu(startup["cpu_percent"],
                                    ("agents", "bench", "node", "prosody"))),
+        *_again_rows(startup.get("again")),
     ])]
+
+
+def _again_rows(again: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The same agents started a second time: their subscriptions are in place."""
+    if not again:
+        return []
+    return [
+        ("the same agents again",
+         f"{again['started']} started and registered in {again['wall_s']} s "
+         f"(each: p50 {again['start_p50_s']} s, p99 {again['start_p99_s']} s); "
+         f"{again['failures']} failed ({again['first_failure'] or 'none'}); "
+         f"all found at {fmt(again['all_discoverable_s'])} s"),
+        ("  CPU % of a core", _cpu(again["cpu_percent"], ("agents", "bench", "node", "prosody"))),
+    ]
 
 
 def _disk_line(meta: dict[str, Any]) -> str:
