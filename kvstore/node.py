@@ -130,8 +130,6 @@ class StorageNode:
         self.committer = Committer(self.engine, on_commit=self._on_commit,
                                    on_settled=self.session.send_together)
         self.started = time.time()
-        self.peers: set[str] = set()
-        """Full JIDs whose available presence the node has seen."""
         self.holders = Holders(
             self.engine.ephemeral_owners(), delete_keys=self._delete_ephemeral,
             send_ping=self._send_ping, server=self.jid.domain, online=self.session.online.is_set,
@@ -223,13 +221,10 @@ class StorageNode:
         self.xmpp.send_presence(pto=presence["from"].bare, ptype="subscribed")
 
     def _on_available(self, presence: Presence) -> None:
-        who = str(presence["from"])
-        self.peers.add(who)
-        self.holders.available(who)
+        self.holders.available(str(presence["from"]))
 
     def _on_unavailable(self, presence: Presence) -> None:
         who = str(presence["from"])
-        self.peers.discard(who)
         self.hub.drop_watcher(who)
         self.holders.unavailable(who)
 
