@@ -112,8 +112,6 @@ class Policy:
         self.peers = {bare(p) for p in peers}
         self.rules: list[Rule] = list(settings.rules)
         self.members: dict[str, set[str]] = {}
-        self.loaded = False
-        """True once rules were read from the store (until then: the config's alone)."""
         self._groups_cache: dict[str, frozenset[str]] = {}
         """Bare JID -> its groups; every request asks, and patterns cost a match each."""
 
@@ -141,13 +139,10 @@ class Policy:
                         bare(keys.unescape_segment(parts[group_depth + 1])))
             except (ValueError, AttributeError, TypeError) as error:
                 log.warning("ignoring a malformed ACL entry %s: %s", entry.key, error)
-        self.rules, self.members, self.loaded = rules, members, True
+        self.rules, self.members = rules, members
         self._groups_cache = {}
 
     # --- who is who -------------------------------------------------------
-
-    def groups_of(self, jid: str) -> frozenset[str]:
-        return self._groups(bare(jid))
 
     def _groups(self, who: str) -> frozenset[str]:
         cached = self._groups_cache.get(who)
@@ -160,12 +155,6 @@ class Policy:
             self._groups_cache.clear()
         self._groups_cache[who] = frozenset(found)
         return self._groups_cache[who]
-
-    def is_peer(self, jid: str) -> bool:
-        return bare(jid) in self.peers
-
-    def is_admin(self, jid: str) -> bool:
-        return self._admin(bare(jid))
 
     def _admin(self, who: str) -> bool:
         return who in self.settings.admins or "admins" in self._groups(who)
