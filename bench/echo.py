@@ -137,7 +137,6 @@ class EchoResponder:
         self.settings = settings
         self.xmpp = plain_client(settings, resource)
         self.xmpp.take = self._take
-        self.answered = 0
         self._items: dict[str, str] = {}
 
     @property
@@ -165,7 +164,6 @@ class EchoResponder:
             self.xmpp.send_raw(
                 f"<iq type='result' id='{escape_attribute(xml.get('id', ''))}'{recipient}>"
                 f"{payload}</iq>")
-            self.answered += 1
             return True
         return False
 
